@@ -1,0 +1,1 @@
+"""hydrod: the MQTT backbone of a hydroponics greenhouse."""
