@@ -83,12 +83,11 @@ def test_tcp_proxy_cut_disconnects_an_mqtt_client_and_refuses_until_restore(brok
 
 
 FAKE_HYDROD = r'''
-import json, signal, sys, threading, time
+import json, signal, sys, threading, time, tomllib
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
-from hydrod import settings
 
-config = settings.load(Path(sys.argv[sys.argv.index("--config") + 1]))
+with open(sys.argv[sys.argv.index("--config") + 1], "rb") as file:
+    config = tomllib.load(file)
 def log(event, **fields):
     print(json.dumps({"ts": time.time(), "level": "info", "event": event, "actor": "fake", **fields}))
 class Handler(BaseHTTPRequestHandler):
@@ -100,12 +99,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args):
         pass
-server = HTTPServer((config.http.host, config.http.port), Handler)
+server = HTTPServer((config["http"]["host"], config["http"]["port"]), Handler)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 print("not json", flush=True)
 print("to stderr", file=sys.stderr, flush=True)
-log("mqtt_subscribed", port=config.mqtt.port, client_id=config.mqtt.client_id,
-    batch_size=config.telemetry.batch_size)
+log("mqtt_subscribed", port=config["mqtt"]["port"], client_id=config["mqtt"]["client_id"],
+    batch_size=config["telemetry"]["batch_size"])
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
 stop.wait(60)
@@ -135,3 +134,12 @@ def test_daemon_writes_a_valid_config_and_follows_the_log(make_daemon, broker, t
     assert daemon.events("daemon_stopped")
     with pytest.raises(AssertionError, match="exited"):
         daemon.wait_for("never_logged", timeout=30)
+
+
+def test_the_daemon_config_is_one_hydrod_accepts(make_daemon, database):
+    settings = pytest.importorskip("hydrod.settings")
+    daemon = make_daemon(start=False, telemetry={"batch_size": 7}, http={"token": "t"})
+    loaded = settings.load(daemon.config_path, environ={})
+    assert loaded.database.dsn.get_secret_value() == database
+    assert (loaded.telemetry.batch_size, loaded.http.port) == (7, daemon.config["http"]["port"])
+    assert loaded.supervisor.backoff_max_s == 0.2
