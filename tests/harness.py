@@ -53,7 +53,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+        time.sleep(interval)  # a poll: the condition is re-checked, with a deadline
 
 
 def free_port() -> int:
@@ -111,13 +111,14 @@ class Mosquitto:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.config)],
                                          stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not port_open(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"mosquitto did not start on port {self.port}:\n"
-                                   + self.log.read_text(errors="replace")[-3000:])
-            time.sleep(POLL_S)
+        try:
+            wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, timeout,
+                       f"mosquitto on port {self.port}")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mosquitto exited with {self.proc.returncode}")
+        except AssertionError as error:
+            self.kill()
+            raise RuntimeError(f"{error}:\n{self.log_text()[-3000:]}") from None
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
