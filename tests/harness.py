@@ -108,12 +108,17 @@ class Mosquitto:
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
         assert self.proc is None or self.proc.poll() is not None, "already running"
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.config)],
                                          stdout=log, stderr=subprocess.STDOUT)
+
+        def up_or_dead() -> bool:  # "running" is logged once its listeners are open
+            started = b" running" in self.log.read_bytes()[offset:]
+            return (started and port_open(self.port)) or self.proc.poll() is not None
+
         try:
-            wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, timeout,
-                       f"mosquitto on port {self.port}")
+            wait_until(up_or_dead, timeout, f"mosquitto on port {self.port}")
             if self.proc.poll() is not None:
                 raise AssertionError(f"mosquitto exited with {self.proc.returncode}")
         except AssertionError as error:
