@@ -1,2 +1,144 @@
-def main() -> int:
+"""The `hydrod` command line (SPEC §5). Parsing only: the daemon lives in supervisor.py."""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import structlog
+
+from . import logs, settings as settings_module, store
+from .errors import HydrodError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hydrod", description="MQTT backbone of a hydroponics greenhouse.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="config file (default: $HYDROD_CONFIG, else ./config.toml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    commands.add_parser("migrate", help="apply database migrations and exit")
+    commands.add_parser("check-config", help="validate the config file and print it, secrets masked")
+    nodes = commands.add_parser("nodes", help="list registered nodes")
+    nodes.add_argument("--json", action="store_true", help="one JSON object per node")
+    push = commands.add_parser("push-config", help="push a NodeConfig (JSON file, - for stdin) to a node")
+    push.add_argument("uid")
+    push.add_argument("file")
+    for sub in commands.choices.values():
+        sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    try:
+        config = settings_module.load(args.config)
+        logs.configure(config.logging.level, config.logging.format)
+        return COMMANDS[args.command](config, args)
+    except HydrodError as exc:
+        _fatal(exc, exc.exit_code)
+        return exc.exit_code
+
+
+def _fatal(exc: BaseException, code: int) -> None:
+    # One clear line, on stdout as JSON for the journal and on stderr for a person.
+    structlog.get_logger("hydrod").bind(actor="daemon").error("daemon_failed", error=str(exc), exit_code=code)
+    print(f"hydrod: {exc}", file=sys.stderr)
+
+
+def run(config, args) -> int:
+    from .supervisor import Daemon
+
+    daemon = Daemon(config)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop("SIGINT"))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # dump thread tracebacks
+    try:
+        daemon.start()
+    except HydrodError:
+        daemon.shutdown()
+        raise
+    daemon.wait()
+    daemon.shutdown()
+    if daemon.failure is not None:
+        raise daemon.failure
     return 0
+
+
+def migrate(config, args) -> int:
+    from .supervisor import Daemon
+
+    Daemon(config).migrate()
+    return 0
+
+
+def check_config(config, args) -> int:
+    print(json.dumps(settings_module.masked(config), indent=2))
+    return 0
+
+
+def nodes(config, args) -> int:
+    try:
+        with psycopg.connect(config.database.dsn.get_secret_value(), connect_timeout=5) as conn:
+            rows = store.list_nodes(conn)
+    except psycopg.Error as exc:
+        from .errors import DatabaseUnavailable
+        raise DatabaseUnavailable(f"cannot read nodes: {str(exc).strip()}") from None
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return 0
+    columns = ("uid", "hardware_id", "type", "status", "lifecycle_state", "gh_uid", "zone_uid", "last_seen_at")
+    table = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for line in table:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+    print(f"{len(rows)} node(s)")
+    return 0
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if hasattr(value, "isoformat"):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+def push_config(config, args) -> int:
+    """Ask the running daemon to push: it owns the broker link and the push history."""
+    from .errors import HydrodError as Failure
+
+    raw = sys.stdin.buffer.read() if args.file == "-" else _read(Path(args.file))
+    http = config.http
+    if not http.enabled:
+        raise Failure("push-config goes through the daemon's HTTP API, and http.enabled is false")
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    request = urllib.request.Request(f"http://{host}:{http.port}/api/nodes/{args.uid}/config", data=raw,
+                                     method="POST", headers={"Content-Type": "application/json"})
+    if http.token.get_secret_value():
+        request.add_header("Authorization", f"Bearer {http.token.get_secret_value()}")
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        raise Failure(f"push refused ({exc.code}): {exc.read().decode(errors='replace')}") from None
+    except OSError as exc:
+        raise Failure(f"cannot reach hydrod at {host}:{http.port}: {exc}") from None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise HydrodError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+COMMANDS = {"run": run, "migrate": migrate, "check-config": check_config, "nodes": nodes,
+            "push-config": push_config}

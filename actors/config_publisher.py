@@ -1,0 +1,236 @@
+"""ConfigPublisher: builds, records and publishes NodeConfigs; watches for their ack.
+
+A push is recorded as `queued` before it is published, so it survives a
+broker outage and a daemon restart: queued configs are published whenever the
+link comes up, and become `published` on the broker's PUBACK. The node's next
+config_report (handled by the registry) marks them `applied`; a published
+config not applied within `config_ack_timeout_s` becomes `timeout`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from .. import protocol, store
+from .base import Address, Context, Flush, Health, LinkChanged, SupervisedActor, Ticker
+from .mqtt_io import Publish
+
+# --- messages ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    """Ask (HTTP API): push `body` to node `uid`; returns PushResult or raises PushRefused."""
+
+    uid: str
+    body: Any
+
+
+@dataclass(frozen=True)
+class PushResult:
+    node_uid: str
+    version: int
+    topic: str
+    status: str  # "published": handed to the broker link; "queued": sent when it comes back
+
+
+class PushRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Acked:
+    """From MqttIo: the broker took config row `config_id`."""
+
+    config_id: int
+    uid: str
+    version: int
+    topic: str
+
+
+@dataclass(frozen=True)
+class _Expire:
+    """Ticker: time out configs the node never acknowledged."""
+
+
+# --- the body -----------------------------------------------------------------------
+
+
+class NodeConfigBody(msgspec.Struct):
+    """The fields hydrod checks in a pushed NodeConfig; all others are passed on untouched."""
+
+    channels: list[Any]
+    node_id: str | None = None
+    version: int | None = None
+    type: str | None = None
+    mqtt: dict[str, Any] | None = None
+    gh_uid: str | None = None
+    zone_uid: str | None = None
+    node_secret: str | None = None
+    wifi: dict[str, Any] | None = None
+
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SECRET = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def build_config(node: dict[str, Any], body: Any) -> tuple[dict[str, Any], str]:
+    """The NodeConfig to publish and its topic, or PushRefused naming the field."""
+    if not isinstance(body, dict):
+        raise PushRefused(400, "body must be a JSON object (a NodeConfig)")
+    try:
+        checked = msgspec.convert(body, NodeConfigBody)
+    except msgspec.ValidationError as exc:
+        raise PushRefused(400, f"invalid NodeConfig: {exc}") from None
+    if checked.version is not None and checked.version < 1:
+        raise PushRefused(400, "invalid NodeConfig: `version` must be 1 or more - at `$.version`")
+    if checked.node_id is not None and checked.node_id != node["uid"]:
+        raise PushRefused(400, f"invalid NodeConfig: `node_id` must be the node's uid `{node['uid']}`"
+                               " - at `$.node_id`")
+    if checked.node_secret is not None and not _SECRET.match(checked.node_secret):
+        raise PushRefused(400, "invalid NodeConfig: `node_secret` must be 64 hex characters - at `$.node_secret`")
+    for field in ("gh_uid", "zone_uid"):
+        value = getattr(checked, field)
+        if value is not None and (not _SEGMENT.match(value) or value in (protocol.TEMP_GH, protocol.TEMP_ZONE)):
+            raise PushRefused(400, f"invalid NodeConfig: `{field}` is not a usable topic segment - at `$.{field}`")
+    if (checked.gh_uid is None) != (checked.zone_uid is None):
+        raise PushRefused(400, "invalid NodeConfig: `gh_uid` and `zone_uid` go together")
+
+    config = dict(body)
+    if node["gh_uid"] is None:
+        if checked.gh_uid is None:
+            raise PushRefused(409, f"node {node['uid']} is not bound to a zone: the config must name "
+                                   "`gh_uid` and `zone_uid`")
+        topic = f"hydro/{protocol.TEMP_GH}/{protocol.TEMP_ZONE}/{node['hardware_id']}/config"
+    else:
+        if checked.gh_uid is not None and (checked.gh_uid, checked.zone_uid) != (node["gh_uid"], node["zone_uid"]):
+            raise PushRefused(409, f"node {node['uid']} is bound to {node['gh_uid']}/{node['zone_uid']}, "
+                                   f"not {checked.gh_uid}/{checked.zone_uid}")
+        config.setdefault("gh_uid", node["gh_uid"])
+        config.setdefault("zone_uid", node["zone_uid"])
+        topic = f"hydro/{node['gh_uid']}/{node['zone_uid']}/{node['uid']}/config"
+    config.setdefault("node_id", node["uid"])
+    config.setdefault("type", node["type"])
+    config.setdefault("mqtt", {"configured": True})
+    config.setdefault("node_secret", node["node_secret"])
+    config.setdefault("version", node["last_version"] + 1)
+    return config, topic
+
+
+# --- the actor --------------------------------------------------------------------------
+
+
+class ConfigPublisher(SupervisedActor):
+    def __init__(self, context: Context, *, dsn: str, mqtt: Address, metrics, ack_timeout_s: float):
+        super().__init__(context)
+        self._dsn = dsn
+        self.mqtt = mqtt
+        self.metrics = metrics
+        self.ack_timeout_s = ack_timeout_s
+        self.link_up = False
+        self._in_flight: set[int] = set()  # sent on this link, PUBACK not seen yet
+        self.pool: ConnectionPool | None = None
+        self._ticker: Ticker | None = None
+
+    def on_start(self) -> None:
+        self.pool = ConnectionPool(self._dsn, min_size=1, max_size=1, name=self.ctx.name, open=False,
+                                   reconnect_timeout=24 * 3600, kwargs={"connect_timeout": 5})
+        self.pool.open(wait=False)
+        interval = min(max(self.ack_timeout_s / 4, 0.05), 5.0)
+        self._ticker = Ticker(self.ctx.name, self.ctx.address, _Expire(), interval).start()
+
+    def release(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+        if self.pool is not None:
+            self.pool.close(timeout=2)
+            self.pool = None
+
+    def handle(self, message: Any) -> Any:
+        match message:
+            case PushConfig(uid, body):
+                return self._push(uid, body)
+            case LinkChanged(up):
+                self.link_up = up
+                self._in_flight.clear()
+                if up:
+                    self._publish_queued()
+            case _Acked():
+                self._mark_published(message)
+            case _Expire():
+                self._expire()
+            case Health():
+                return True, "ok"
+            case Flush():
+                return 0
+            case _:
+                raise TypeError(f"ConfigPublisher does not handle {type(message).__name__}")
+        return None
+
+    def _push(self, uid: str, body: Any) -> PushResult:
+        with self.pool.connection(timeout=5) as conn, conn.transaction():
+            with conn.cursor() as cur:
+                node = store.node_for_push(cur, uid)
+                if node is None:
+                    raise PushRefused(404, f"no node with uid {uid}")
+                config, topic = build_config(node, body)
+                payload = msgspec.json.encode(config)
+                config_id = store.record_config(cur, node_id=node["id"], version=int(config["version"]),
+                                                config=config, payload=payload, topic=topic)
+        version = int(config["version"])
+        self.log.info("config_queued", node_uid=uid, version=version, topic=topic, link_up=self.link_up)
+        if self.link_up:
+            self._send(config_id, uid, version, topic, payload)
+        return PushResult(uid, version, topic, "published" if self.link_up else "queued")
+
+    def _send(self, config_id: int, uid: str, version: int, topic: str, payload: bytes) -> None:
+        if config_id in self._in_flight:
+            return
+        self._in_flight.add(config_id)
+        self.mqtt.tell(Publish(topic, payload, on_acked=(self.ctx.address, _Acked(config_id, uid, version, topic))))
+
+    def _publish_queued(self) -> None:
+        try:
+            with self.pool.connection(timeout=5) as conn, conn.cursor() as cur:
+                queued = store.queued_configs(cur)
+        except psycopg.OperationalError as exc:
+            self.log.warning("db_unavailable", error=str(exc).strip(), doing="publish queued configs")
+            return  # the next link-up or expiry round tries again
+        for config_id, uid, version, topic, payload in queued:
+            self._send(config_id, uid, version, topic, payload)
+
+    def _mark_published(self, acked: _Acked) -> None:
+        self._in_flight.discard(acked.config_id)
+        try:
+            with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
+                store.mark_published(cur, [acked.config_id])
+        except psycopg.OperationalError as exc:
+            # Still `queued` in the database: it is published again later, which the node tolerates.
+            self.log.warning("db_unavailable", error=str(exc).strip(), doing="mark config published")
+            return
+        self.metrics.configs_published.inc()
+        self.log.info("config_published", node_uid=acked.uid, version=acked.version, topic=acked.topic)
+
+    def _expire(self) -> None:
+        try:
+            with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
+                expired = store.expire_configs(cur, self.ack_timeout_s)
+                queued = store.queued_configs(cur) if self.link_up else []
+        except psycopg.OperationalError:
+            return  # reported by whoever needs the database next; the schedule goes on
+        for uid, version, topic in expired:
+            self.metrics.config_timeouts.inc()
+            self.log.warning("config_timeout", node_uid=uid, version=version, topic=topic,
+                             timeout_s=self.ack_timeout_s)
+        # A queued config whose publish was lost with a dropped link goes out again.
+        for config_id, uid, version, topic, payload in queued:
+            self._send(config_id, uid, version, topic, payload)

@@ -1,0 +1,208 @@
+"""The shell shared by the actors that commit received messages to PostgreSQL.
+
+A consumer gathers delivered messages into a batch and writes it in one
+transaction when the batch is full, when its mailbox is empty (nothing more
+is coming right now: group commit), or when the oldest message has waited
+`flush_interval`, whichever comes first. Only after the commit does it tell
+MqttIo which messages are settled, so the broker is acknowledged only for
+what is stored. While the database is away it keeps the batch, retries with
+backoff and jitter, and the broker holds back the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from .. import store
+from ..protocol import STORE_REFUSED, Routed
+from .base import Backoff, Context, Deliver, Flush, Health, SupervisedActor, Ticker, tell_later
+from .mqtt_io import Settled
+
+
+@dataclass(frozen=True)
+class Refusal:
+    item: Routed
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class _FlushDue:
+    """Ticker: flush a batch whose oldest message has waited long enough."""
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """Timer: try the database again."""
+
+
+# Data the database refuses for one row, not for the whole service.
+DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
+
+
+class BatchConsumer(SupervisedActor):
+    def __init__(self, context: Context, *, dsn: str, pool_size: tuple[int, int], mqtt,
+                 metrics, batch_size: int, flush_interval: float, retry: Backoff):
+        super().__init__(context)
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self.mqtt = mqtt
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.retry = retry
+        self.pool: ConnectionPool | None = None
+        self._pending: list[Routed] = []
+        self._absorbed: Deliver | None = None  # the last Deliver whose items are in _pending
+        self._oldest = 0.0
+        self._db_ok = True
+        self._waiting_retry = False
+        self._ticker: Ticker | None = None
+
+    # -- to be provided by each consumer --
+
+    def write(self, cur: psycopg.Cursor, items: list[Routed]) -> list[Refusal]:
+        """Store items inside the open transaction; return the ones refused."""
+        raise NotImplementedError
+
+    def committed(self) -> None:
+        """Called after each successful commit: announce what it did (logs happen only once)."""
+
+    def handle_other(self, message: Any) -> Any:
+        raise TypeError(f"{self.ctx.name} does not handle {type(message).__name__}")
+
+    def configure_connection(self, conn: psycopg.Connection) -> None:
+        """psycopg_pool `configure` hook."""
+
+    # -- lifecycle --
+
+    def on_start(self) -> None:
+        self.pool = ConnectionPool(
+            self._dsn, min_size=self._pool_size[0], max_size=self._pool_size[1],
+            name=self.ctx.name, open=False, configure=self.configure_connection,
+            reconnect_timeout=24 * 3600, kwargs={"connect_timeout": 5},
+        )
+        self.pool.open(wait=False)
+        self._ticker = Ticker(self.ctx.name, self.ctx.address, _FlushDue(),
+                              max(self.flush_interval / 2, 0.005)).start()
+
+    def release(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
+        if self.pool is not None:
+            self.pool.close(timeout=2)
+            self.pool = None
+
+    # -- messages --
+
+    def handle(self, message: Any) -> Any:
+        match message:
+            case Deliver(items):
+                if not self._pending:
+                    self._oldest = time.monotonic()
+                self._pending.extend(items)
+                self._absorbed = message
+                if not self._waiting_retry and (
+                        len(self._pending) >= self.batch_size or self.mailbox_empty()):
+                    self.flush()
+            case _FlushDue():
+                if (self._pending and not self._waiting_retry
+                        and time.monotonic() - self._oldest >= self.flush_interval):
+                    self.flush()
+            case _Retry():
+                self._waiting_retry = False
+                self.flush()
+            case Flush():
+                pending = len(self._pending)
+                self._waiting_retry = False
+                self.flush()
+                return pending - len(self._pending)
+            case Health():
+                return self._db_ok, "database reachable" if self._db_ok else "database unreachable"
+            case _:
+                return self.handle_other(message)
+        return None
+
+    def salvage(self) -> Any:
+        """Everything received and not committed, as one batch for the replacement."""
+        items = list(self._pending)
+        current = self._current
+        if isinstance(current, Deliver) and current is not self._absorbed:
+            items.extend(current.items)
+        return Deliver(tuple(items)) if items else None
+
+    # -- writing --
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Cursor]:
+        """A pooled connection in a transaction: `with self.transaction() as cur: ...`."""
+        with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    def flush(self) -> None:
+        while self._pending:
+            chunk = self._pending[: self.batch_size]
+            try:
+                self._write_chunk(chunk)
+            except psycopg.OperationalError as exc:
+                self._database_down(exc)
+                return
+            del self._pending[: len(chunk)]
+            self._oldest = time.monotonic()
+        self._database_up()
+
+    def _write_chunk(self, chunk: list[Routed]) -> None:
+        started = time.perf_counter()
+        try:
+            with self.transaction() as cur:
+                refused = self.write(cur, chunk)
+                self._dead_letter(cur, refused)
+        except DATA_ERRORS as exc:
+            if len(chunk) == 1:
+                # The database refuses this one message: keep it as a dead letter.
+                with self.transaction() as cur:
+                    self._dead_letter(cur, [Refusal(chunk[0], STORE_REFUSED, str(exc).strip())])
+            else:
+                middle = len(chunk) // 2
+                self._write_chunk(chunk[:middle])
+                self._write_chunk(chunk[middle:])
+            return
+        self.committed()
+        self.metrics.batch_seconds.labels(self.ctx.name).observe(time.perf_counter() - started)
+        self.metrics.stored.labels(self.ctx.name).inc(len(chunk) - len(refused))
+        self.mqtt.tell(Settled(tuple(item.seq for item in chunk)))
+
+    def _dead_letter(self, cur: psycopg.Cursor, refused: list[Refusal]) -> None:
+        if not refused:
+            return
+        store.write_dead_letters(cur, ((r.item.received_at, r.item.topic, r.item.payload, r.reason, r.detail)
+                                       for r in refused))
+        for r in refused:
+            self.metrics.rejected.labels(r.reason).inc()
+            self.log.warning("message_rejected", reason=r.reason, detail=r.detail, topic=r.item.topic)
+
+    def _database_down(self, exc: Exception) -> None:
+        if self._db_ok:
+            self._db_ok = False
+            self.metrics.db_up.labels(self.ctx.name).set(0)
+            self.log.error("db_unavailable", error=str(exc).strip() or type(exc).__name__,
+                           pending=len(self._pending))
+        self._waiting_retry = True
+        tell_later(self.ctx.address, _Retry(), self.retry.next_delay())
+
+    def _database_up(self) -> None:
+        if not self._db_ok:
+            self._db_ok = True
+            self.metrics.db_up.labels(self.ctx.name).set(1)
+            lasted = self.retry.reset()
+            self.log.info("db_recovered", outage_s=round(lasted or 0.0, 3))
+        else:
+            self.retry.reset()

@@ -1,0 +1,415 @@
+"""MqttIo: owns the paho client, the broker link and the acknowledgement ledger.
+
+paho's callbacks run on paho's network thread; each only turns what it got
+into a message for this actor. This actor decides everything else: when to
+connect again (backoff with jitter), what to subscribe, where each received
+message goes, and when the broker may forget it: a QoS 1 message is
+acknowledged only once whatever it produced is committed, and always in
+arrival order, as MQTT requires.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from .. import protocol
+from ..protocol import CONFIG_REPORT, HELLO, REJECT, TIME_REQUEST, Routed
+from ..settings import MqttSettings
+from .base import Address, Backoff, Context, Deliver, Health, LinkChanged, SupervisedActor, tell_later
+
+# --- messages ----------------------------------------------------------------------
+
+
+class Inbound(NamedTuple):
+    """From paho's thread: one PUBLISH received (a tuple: built once per message)."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float
+    origin: int  # which paho client received it; another incarnation's are ignored
+
+
+@dataclass(frozen=True)
+class Settled:
+    """From a consumer: these messages are committed (or dead-lettered)."""
+
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish at QoS 1, never retained; on PUBACK tell `on_acked` = (address, message)."""
+
+    topic: str
+    payload: bytes
+    on_acked: tuple[Address, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StopIntake:
+    """Ask (shutdown): take no new messages; they stay unacknowledged in the broker."""
+
+
+@dataclass(frozen=True)
+class Close:
+    """Ask (shutdown): send the acknowledgements due, then disconnect keeping the session."""
+
+
+@dataclass(frozen=True)
+class _Connect:
+    pass
+
+
+@dataclass(frozen=True)
+class _Connected:
+    reason: str
+    failed: bool
+    session_present: bool
+
+
+@dataclass(frozen=True)
+class _Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Subscribed:
+    mid: int
+    refused: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _PubAcked:
+    mid: int
+
+
+# --- the ledger ---------------------------------------------------------------------
+
+
+class Ledger:
+    """Received messages in arrival order, acknowledged only from the front."""
+
+    def __init__(self, start: int) -> None:
+        # Each incarnation starts far above the last one's numbers, so a late
+        # Settled meant for a dead incarnation can never settle a new message.
+        self._next = start
+        self._queue: deque[tuple[int, int, int, int]] = deque()  # (seq, mid, qos, epoch)
+        self._done: set[int] = set()
+
+    def admit(self, mid: int, qos: int, epoch: int) -> int:
+        seq = self._next
+        self._next += 1
+        self._queue.append((seq, mid, qos, epoch))
+        return seq
+
+    def settle(self, seqs, epoch: int) -> list[tuple[int, int]]:
+        """Mark seqs done; return the (mid, qos) now due for acknowledgement, in order."""
+        queue, done = self._queue, self._done
+        head = queue[0][0] if queue else self._next
+        done.update(seq for seq in seqs if head <= seq < self._next)
+        due = []
+        while queue and queue[0][0] in done:
+            seq, mid, qos, entry_epoch = queue.popleft()
+            done.discard(seq)
+            # A message from an earlier connection is redelivered by the broker;
+            # its old packet id means nothing on this one.
+            if qos and entry_epoch == epoch:
+                due.append((mid, qos))
+        return due
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
+# --- the actor ---------------------------------------------------------------------------
+
+
+class MqttIo(SupervisedActor):
+    def __init__(self, context: Context, *, settings: MqttSettings, registry: Address,
+                 history: Address, link_watchers: tuple[Address, ...], metrics,
+                 batch_size: int, max_pending: int):
+        super().__init__(context)
+        self.settings = settings
+        self.metrics = metrics
+        self.link_watchers = link_watchers
+        self.batch_size = batch_size
+        self.max_pending = max_pending
+        self.routes = {HELLO: registry, CONFIG_REPORT: registry}
+        self.history = history
+        self.ledger = Ledger(start=time.monotonic_ns())
+        self.epoch = 0
+        self.connected = False
+        self.intake = True
+        self.closing = False
+        self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
+        self._batches: dict[Address, list[Routed]] = {}
+        self._registry_open: dict[int, None] = {}  # seqs sent to the registry, not settled, in order
+        self._blocked: list[Routed] = []  # history that arrived after them
+        self._publish_waiters: dict[int, tuple[Address, Any]] = {}
+        self._subscribe_mid: int | None = None
+        self._received = {}
+        self.client: mqtt.Client | None = None
+        self._origin = 0
+
+    # -- paho: callbacks only make messages --
+
+    def _build_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=s.client_id,
+                             protocol=mqtt.MQTTv5, manual_ack=True, reconnect_on_failure=False)
+        client.enable_logger(logging.getLogger("paho"))
+        client.connect_timeout = s.connect_timeout_s
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(0)
+        if s.username:
+            client.username_pw_set(s.username, s.password.get_secret_value() or None)
+        if s.tls:
+            client.tls_set(ca_certs=s.ca_file or None, cert_reqs=ssl.CERT_REQUIRED)
+        me, origin = self.ctx.address, id(client)
+        client.on_message = lambda _c, _u, m: me.tell(Inbound(m.topic, m.payload, m.mid, m.qos, time.time(),
+                                                              origin))
+        client.on_connect = lambda _c, _u, flags, rc, _p: me.tell(
+            _Connected(str(rc), rc.is_failure, bool(flags.session_present)))
+        client.on_disconnect = lambda _c, _u, _f, rc, _p: me.tell(_Disconnected(str(rc)))
+        client.on_subscribe = lambda _c, _u, mid, codes, _p: me.tell(
+            _Subscribed(mid, tuple(str(c) for c in codes if c.is_failure)))
+        client.on_publish = lambda _c, _u, mid, _rc, _p: me.tell(_PubAcked(mid))
+        return client
+
+    def on_start(self) -> None:
+        self.client = self._build_client()
+        self._origin = id(self.client)
+        self.ctx.address.tell(_Connect())
+
+    def release(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    # -- messages --
+
+    def handle(self, message: Any) -> Any:
+        if type(message) is Inbound:
+            self._receive(message)
+        else:
+            match message:
+                case Settled(seqs):
+                    self._acknowledge(seqs)
+                case Publish():
+                    self._publish(message)
+                case _PubAcked(mid):
+                    waiter = self._publish_waiters.pop(mid, None)
+                    if waiter is not None:
+                        waiter[0].tell(waiter[1])
+                case _Connect():
+                    self._connect()
+                case _Connected():
+                    self._on_connected(message)
+                case _Subscribed(mid, refused):
+                    self._on_subscribed(mid, refused)
+                case _Disconnected(reason):
+                    self._on_disconnected(reason)
+                case Health():
+                    return self.connected, "broker connected" if self.connected else "broker unreachable"
+                case StopIntake():
+                    self.intake = False
+                    self._flush_batches()
+                    return len(self.ledger)
+                case Close():
+                    self.closing = True
+                    if self.client is not None:
+                        self.client.disconnect()
+                        self.client.loop_stop()
+                        self.client = None
+                    return len(self.ledger)
+                case _:
+                    raise TypeError(f"MqttIo does not handle {type(message).__name__}")
+        if self._batches and self.mailbox_empty():
+            self._flush_batches()
+        return None
+
+    # -- receiving --
+
+    def _receive(self, msg: Inbound) -> None:
+        if not self.intake or msg.origin != self._origin:
+            self.metrics.deferred.inc()  # left unacknowledged: the broker redelivers it
+            return
+        if msg.qos == 0 and len(self.ledger) >= self.max_pending:
+            self.metrics.rejected.labels("overload").inc()
+            self.log.warning("message_rejected", reason="overload", topic=msg.topic,
+                             detail=f"{len(self.ledger)} messages pending; QoS 0 message refused")
+            return
+        seq = self.ledger.admit(msg.mid, msg.qos, self.epoch)
+        routed = protocol.classify(seq, msg.topic, msg.payload, msg.received_at)
+        counter = self._received.get(routed.kind)
+        if counter is None:
+            counter = self._received[routed.kind] = self.metrics.received.labels(routed.kind)
+        counter.inc()
+        if routed.kind == TIME_REQUEST:
+            self._answer_time(routed)
+            return
+        destination = self.routes.get(routed.kind, self.history)
+        if destination is not self.history:
+            self._registry_open[seq] = None
+        elif self._registry_open:
+            # A node's history waits until what it said before (its node_hello,
+            # its config_report) is committed: then its node exists, and bound.
+            self._blocked.append(routed)
+            return
+        batch = self._batches.setdefault(destination, [])
+        batch.append(routed)
+        if len(batch) >= self.batch_size:
+            self._flush_batch(destination)
+
+    def _flush_batches(self) -> None:
+        for destination in list(self._batches):
+            self._flush_batch(destination)
+
+    def _flush_batch(self, destination: Address) -> None:
+        batch = self._batches.pop(destination, None)
+        if batch:
+            destination.tell(Deliver(tuple(batch)))
+
+    def _answer_time(self, routed: Routed) -> None:
+        try:
+            protocol.decode_object(routed.payload)
+        except protocol.Rejected as exc:
+            # Unreadable, but a node is waiting on the clock: answer, and keep the evidence.
+            self.history.tell(Deliver((routed._replace(kind=REJECT, reason=exc.reason),)))
+        else:
+            self._acknowledge((routed.seq,))
+        self._publish(Publish(protocol.TIME_RESPONSE_TOPIC, protocol.time_response(time.time())))
+
+    def _release_blocked(self, seqs) -> None:
+        for seq in seqs:
+            self._registry_open.pop(seq, None)
+        blocked = self._blocked
+        if not blocked:
+            return
+        first_open = next(iter(self._registry_open), None)
+        released = 0
+        while released < len(blocked) and (first_open is None or blocked[released].seq < first_open):
+            released += 1
+        if released:
+            batch = self._batches.setdefault(self.history, [])
+            batch.extend(blocked[:released])
+            del blocked[:released]
+
+    def _acknowledge(self, seqs) -> None:
+        if self._registry_open:
+            self._release_blocked(seqs)
+        due = self.ledger.settle(seqs, self.epoch)
+        if not due or self.client is None or not self.connected:
+            return
+        for mid, qos in due:
+            rc = self.client.ack(mid, qos)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                # The link dropped under us: the broker will redeliver it.
+                self.log.warning("mqtt_ack_failed", mid=mid, error=mqtt.error_string(rc))
+                break
+        self.metrics.acked.inc(len(due))
+
+    # -- publishing --
+
+    def _publish(self, request: Publish) -> None:
+        if self.client is None or not self.connected:
+            self.metrics.publish_deferred.inc()
+            return
+        info = self.client.publish(request.topic, request.payload, qos=1, retain=False)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self.metrics.publish_deferred.inc()
+            self.log.warning("mqtt_publish_failed", topic=request.topic, error=mqtt.error_string(info.rc))
+            return
+        if request.on_acked is not None:
+            self._publish_waiters[info.mid] = request.on_acked
+
+    # -- the link --
+
+    def _connect(self) -> None:
+        if self.client is None or self.closing or self.connected:
+            return
+        s = self.settings
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = s.session_expiry_s
+        properties.ReceiveMaximum = s.receive_maximum
+        try:
+            rc = self.client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=False,
+                                     properties=properties)
+        except (OSError, ssl.SSLError) as exc:
+            rc, error = None, f"{type(exc).__name__}: {exc}"
+        else:
+            error = None if rc == mqtt.MQTT_ERR_SUCCESS else mqtt.error_string(rc)
+        if error is not None:
+            self._retry_connect(error)
+            return
+        rc = self.client.loop_start()
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self._retry_connect(f"cannot start network thread: {mqtt.error_string(rc)}")
+
+    def _retry_connect(self, error: str) -> None:
+        delay = self.backoff.next_delay()
+        log = self.log.warning if self.backoff.attempts <= 1 else self.log.debug
+        log("mqtt_connect_failed", host=self.settings.host, port=self.settings.port, error=error,
+            retry_in_s=round(delay, 3), attempt=self.backoff.attempts)
+        tell_later(self.ctx.address, _Connect(), delay)
+
+    def _on_connected(self, message: _Connected) -> None:
+        if message.failed:
+            # The broker refused us (credentials, client id): paho closes the link next.
+            self.log.error("mqtt_connect_refused", reason=message.reason, host=self.settings.host)
+            return
+        self.connected = True
+        outage = self.backoff.reset()
+        self.metrics.mqtt_connected.set(1)
+        self.log.info("mqtt_connected", host=self.settings.host, port=self.settings.port,
+                      session_present=message.session_present, client_id=self.settings.client_id,
+                      outage_s=None if outage is None else round(outage, 3))
+        group = self.settings.shared_group
+        filters = [(f"$share/{group}/{f}" if group else f, SubscribeOptions(qos=1))
+                   for f in protocol.SUBSCRIPTIONS]
+        rc, mid = self.client.subscribe(filters)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self.log.error("mqtt_subscribe_failed", error=mqtt.error_string(rc))
+            self.client.disconnect()
+            return
+        self._subscribe_mid = mid
+        for watcher in self.link_watchers:
+            watcher.tell(LinkChanged(True))
+
+    def _on_subscribed(self, mid: int, refused: tuple[str, ...]) -> None:
+        if mid != self._subscribe_mid:
+            return
+        if refused:
+            self.log.error("mqtt_subscribe_refused", reasons=list(refused))
+            return
+        self.log.info("mqtt_subscribed", filters=len(protocol.SUBSCRIPTIONS),
+                      shared_group=self.settings.shared_group or None)
+
+    def _on_disconnected(self, reason: str) -> None:
+        was_connected = self.connected
+        self.connected = False
+        self.epoch += 1  # acks for what came before this point are void
+        self._publish_waiters.clear()
+        self.metrics.mqtt_connected.set(0)
+        if self.client is not None:
+            self.client.loop_stop()
+        if self.closing or self.client is None:
+            return
+        if was_connected:
+            self.log.warning("mqtt_disconnected", reason=reason, pending=len(self.ledger))
+            for watcher in self.link_watchers:
+                watcher.tell(LinkChanged(False))
+        self._retry_connect(f"disconnected: {reason}")

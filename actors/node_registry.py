@@ -1,0 +1,99 @@
+"""NodeRegistry: node_hello and config_report; the authority on which nodes exist.
+
+Registration is decided in PostgreSQL under row locks (store.register_node),
+so that several hydrod instances sharing the load agree on every uid. A
+config_report from a node not registered yet is held in the database and
+applied when its node_hello arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .. import protocol, store
+from ..protocol import CONFIG_REPORT, HELLO, NodeHello, Rejected, Routed
+from .consumer import BatchConsumer, Refusal
+
+
+@dataclass(frozen=True)
+class ListNodes:
+    """Ask: every node (uid None) or one; returns a list of dicts."""
+
+    uid: str | None = None
+
+
+class NodeRegistry(BatchConsumer):
+    def __init__(self, context, **kwargs):
+        super().__init__(context, **kwargs)
+        self._announcements: list[tuple[str, dict[str, Any]]] = []
+
+    def handle_other(self, message: Any) -> Any:
+        match message:
+            case ListNodes(uid):
+                with self.pool.connection(timeout=5) as conn:
+                    return store.list_nodes(conn, uid)
+            case _:
+                return super().handle_other(message)
+
+    def write(self, cur: psycopg.Cursor, items: list[Routed]) -> list[Refusal]:
+        self._announcements = []
+        refused = []
+        for item in items:
+            try:
+                if item.kind == HELLO:
+                    self._register(cur, item)
+                elif item.kind == CONFIG_REPORT:
+                    report = protocol.decode_object(item.payload)
+                    self._apply_report(cur, item.node, item.gh, item.zone, item.topic, report, item.received_at)
+                else:
+                    raise Rejected(protocol.UNKNOWN_TOPIC, f"the registry does not take `{item.kind}`")
+            except Rejected as exc:
+                refused.append(Refusal(item, exc.reason, exc.detail))
+        return refused
+
+    def committed(self) -> None:
+        for event, fields in self._announcements:
+            self.log.info(event, **fields)
+            if event == "node_registered":
+                self.metrics.nodes_registered.inc()
+            elif event == "config_applied":
+                self.metrics.configs_applied.inc()
+        self._announcements = []
+
+    def _register(self, cur: psycopg.Cursor, item: Routed) -> None:
+        hello = protocol.decode(item.payload, NodeHello)
+        node_type = protocol.normalise_type(hello.node_type)
+        meta = hello.provisioning_meta
+        result = store.register_node(
+            cur, hardware_id=hello.hardware_id, node_type=node_type, fw_version=hello.fw_version,
+            capabilities=hello.capabilities, hardware_revision=hello.hardware_revision,
+            name=meta.node_name if meta else None, wanted_uid=protocol.provisioned_uid(hello),
+            base=protocol.base_uid(hello.hardware_id, node_type), seen_at=item.received_at,
+        )
+        if result.created:
+            self._announcements.append(("node_registered", {
+                "node_uid": result.uid, "hardware_id": hello.hardware_id, "node_type": node_type,
+                "fw_version": hello.fw_version}))
+        else:
+            self._announcements.append(("node_updated", {
+                "node_uid": result.uid, "hardware_id": hello.hardware_id, "changed": list(result.changed)}))
+        for held in store.take_held_reports(cur, {hello.hardware_id, result.uid}):
+            self._apply_report(cur, held["node_key"], held["gh"], held["zone"], held["topic"],
+                               held["payload"], float(held["received_at"]))
+
+    def _apply_report(self, cur: psycopg.Cursor, node_key: str, gh: str, zone: str, topic: str,
+                      report: dict[str, Any], received_at: float) -> None:
+        outcome = store.store_config_report(cur, node_key=node_key, gh=gh, zone=zone,
+                                            temp=protocol.is_temp(gh, zone), topic=topic,
+                                            config=report, received_at=received_at)
+        if outcome.uid is None:
+            self._announcements.append(("config_report_held", {"node_key": node_key, "topic": topic}))
+            return
+        for version in outcome.applied_versions:
+            self._announcements.append(("config_applied", {"node_uid": outcome.uid, "version": version}))
+        if outcome.bound_to is not None:
+            self._announcements.append(("node_bound", {"node_uid": outcome.uid, "gh_uid": outcome.bound_to[0],
+                                                      "zone_uid": outcome.bound_to[1]}))

@@ -1,0 +1,31 @@
+"""Expected failures: each names the resource and ends the daemon with one clear line."""
+
+
+class HydrodError(Exception):
+    """An expected, fatal failure: logged as one ERROR line, exit code non-zero."""
+
+    exit_code = 1
+
+
+class ConfigError(HydrodError):
+    """The config file is missing, unreadable or invalid."""
+
+    exit_code = 2
+
+
+class DatabaseUnavailable(HydrodError):
+    """PostgreSQL could not be reached (or migrated) in time."""
+
+    exit_code = 3
+
+
+class StartupError(HydrodError):
+    """An actor did not start; the message names it and why."""
+
+    exit_code = 4
+
+
+class SupervisorGaveUp(HydrodError):
+    """An actor failed more often than its restart budget allows."""
+
+    exit_code = 5

@@ -1,0 +1,50 @@
+"""hydrod's counters: one Prometheus registry per daemon, served on /metrics and
+summarised in the periodic `stats` log line."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.received = Counter("hydrod_messages_received", "MQTT messages received, by kind", ["kind"], registry=r)
+        self.stored = Counter("hydrod_messages_stored", "Messages committed, by actor", ["actor"], registry=r)
+        self.rejected = Counter("hydrod_messages_rejected", "Messages dead-lettered or refused, by reason",
+                                ["reason"], registry=r)
+        self.acked = Counter("hydrod_messages_acked", "QoS 1 messages acknowledged to the broker", registry=r)
+        self.deferred = Counter("hydrod_messages_deferred",
+                                "Messages left to the broker for redelivery (received while stopping)", registry=r)
+        self.ts_replaced = Counter("hydrod_ts_replaced", "Node timestamps replaced by the receive time, by rule",
+                                   ["rule"], registry=r)
+        self.batch_seconds = Histogram("hydrod_batch_seconds", "Time to write and commit one batch", ["actor"],
+                                       registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                            0.5, 1, 2.5, 5))
+        self.db_up = Gauge("hydrod_db_up", "1 when the actor's last database write succeeded", ["actor"], registry=r)
+        self.mqtt_connected = Gauge("hydrod_mqtt_connected", "1 while the broker link is up", registry=r)
+        self.pending = Gauge("hydrod_messages_pending", "Messages received and not yet acknowledged", registry=r)
+        self.publish_deferred = Counter("hydrod_publish_deferred",
+                                        "Publishes not sent because the link was down", registry=r)
+        self.restarts = Counter("hydrod_actor_restarts", "Actor restarts, by actor", ["actor"], registry=r)
+        self.nodes_registered = Counter("hydrod_nodes_registered", "Nodes created by a node_hello", registry=r)
+        self.nodes_marked_offline = Counter("hydrod_nodes_marked_offline", "Nodes marked offline for silence",
+                                            registry=r)
+        self.configs_published = Counter("hydrod_configs_published", "Configs taken by the broker", registry=r)
+        self.configs_applied = Counter("hydrod_configs_applied", "Configs acknowledged by their node", registry=r)
+        self.config_timeouts = Counter("hydrod_config_timeouts", "Configs never acknowledged", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def summary(self) -> dict[str, float]:
+        """Every sample as {name{labels}: value}, for the `stats` log line."""
+        out: dict[str, float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith(("_created", "_bucket", "_sum")):
+                    continue
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                name = sample.name.removeprefix("hydrod_")
+                out[f"{name}{{{labels}}}" if labels else name] = sample.value
+        return out

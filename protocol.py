@@ -1,0 +1,280 @@
+"""The wire protocol of SPEC §1-§2: topics, payload shapes and their rules.
+
+Everything here is pure and cheap: it runs once per message on the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Literal, NamedTuple
+
+import msgspec
+
+PREFIX = "hydro"
+TEMP_GH = "gh-temp"
+TEMP_ZONE = "zn-temp"
+MAX_PAYLOAD = 64 * 1024
+
+# What hydrod subscribes to (SPEC §1), all at QoS 1.
+SUBSCRIPTIONS = (
+    "hydro/node_hello",
+    "hydro/+/+/+/node_hello",
+    "hydro/+/+/+/+/telemetry",
+    "hydro/+/+/+/heartbeat",
+    "hydro/+/+/+/status",
+    "hydro/+/+/+/lwt",
+    "hydro/+/+/+/config_report",
+    "hydro/time/request",
+    "hydro/+/+/+/+/command_response",
+    "hydro/+/+/+/error",
+    "hydro/+/+/+/diagnostics",
+    "hydro/+/+/+/+/event",
+)
+TIME_RESPONSE_TOPIC = "hydro/time/response"
+
+# Message kinds. Node-level topics have five segments, channel-level six.
+HELLO = "node_hello"
+TELEMETRY = "telemetry"
+HEARTBEAT = "heartbeat"
+STATUS = "status"
+LWT = "lwt"
+CONFIG_REPORT = "config_report"
+TIME_REQUEST = "time_request"
+REJECT = "reject"
+NODE_KINDS = frozenset({HELLO, HEARTBEAT, STATUS, LWT, CONFIG_REPORT, "error", "diagnostics"})
+CHANNEL_KINDS = frozenset({TELEMETRY, "command_response", "event"})
+EVENT_KINDS = frozenset({"command_response", "error", "diagnostics", "event"})
+# Event kinds whose `ts` is in milliseconds (SPEC §2).
+MS_KINDS = frozenset({"command_response", "error"})
+
+# Reasons a message is dead-lettered; each is a label of the rejection counter.
+TOO_LARGE = "too_large"
+BAD_ENCODING = "bad_encoding"
+BAD_JSON = "bad_json"
+BAD_PAYLOAD = "bad_payload"
+UNKNOWN_TOPIC = "unknown_topic"
+UNKNOWN_NODE = "unknown_node"
+ZONE_MISMATCH = "zone_mismatch"
+HANDLER_CRASH = "handler_crash"
+STORE_REFUSED = "store_refused"
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class Routed(NamedTuple):
+    """One received MQTT message, classified by its topic.
+
+    A NamedTuple rather than a dataclass: one is built per message on the hot
+    path, and a tuple costs a fifth of a frozen dataclass.
+    """
+
+    seq: int  # arrival order; MqttIo acknowledges in this order
+    kind: str
+    gh: str
+    zone: str
+    node: str  # the node segment: a uid, or a hardware id
+    channel: str | None
+    topic: str
+    payload: bytes
+    received_at: float  # unix seconds
+    reason: str | None = None  # set when kind == REJECT
+
+
+def classify(seq: int, topic: str, payload: bytes, received_at: float) -> Routed:
+    """Turn a topic into a kind and its parts; unknown shapes become rejects."""
+    parts = topic.split("/")
+    n = len(parts)
+    if len(payload) > MAX_PAYLOAD:
+        return Routed(seq, REJECT, "", "", "", None, topic, payload, received_at, TOO_LARGE)
+    if n == 5 and parts[0] == PREFIX and parts[4] in NODE_KINDS:
+        kind, channel = parts[4], None
+    elif n == 6 and parts[0] == PREFIX and parts[5] in CHANNEL_KINDS:
+        kind, channel = parts[5], parts[4]
+        if not _SEGMENT.match(channel):
+            return Routed(seq, REJECT, "", "", "", None, topic, payload, received_at, UNKNOWN_TOPIC)
+    elif topic == "hydro/node_hello":
+        return Routed(seq, HELLO, "", "", "", None, topic, payload, received_at)
+    elif topic == "hydro/time/request":
+        return Routed(seq, TIME_REQUEST, "", "", "", None, topic, payload, received_at)
+    else:
+        return Routed(seq, REJECT, "", "", "", None, topic, payload, received_at, UNKNOWN_TOPIC)
+    gh, zone, node = parts[1], parts[2], parts[3]
+    if not (_SEGMENT.match(gh) and _SEGMENT.match(zone) and _SEGMENT.match(node)):
+        return Routed(seq, REJECT, "", "", "", None, topic, payload, received_at, UNKNOWN_TOPIC)
+    return Routed(seq, kind, gh, zone, node, channel, topic, payload, received_at)
+
+
+def is_temp(gh: str, zone: str) -> bool:
+    return gh == TEMP_GH and zone == TEMP_ZONE
+
+
+class Rejected(Exception):
+    """A payload that breaks the rules; `reason` is a dead-letter reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# --- payloads ---------------------------------------------------------------
+
+HardwareId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+class ProvisioningMeta(msgspec.Struct):
+    node_uid: str | None = None
+    node_name: str | None = None
+
+
+class NodeHello(msgspec.Struct):
+    message_type: Literal["node_hello"]
+    hardware_id: HardwareId
+    node_type: str | None = None
+    fw_version: str | None = None
+    capabilities: list[str] = []
+    hardware_revision: str | None = None
+    provisioning_meta: ProvisioningMeta | None = None
+
+
+class Telemetry(msgspec.Struct):
+    metric_type: Annotated[str, msgspec.Meta(min_length=1, max_length=50)]
+    value: float
+    ts: float | None = None
+
+
+class Heartbeat(msgspec.Struct):
+    uptime: float | None = None
+    free_heap: int | None = None
+    rssi: int | None = None
+    fw_version: str | None = None
+
+
+class Status(msgspec.Struct):
+    status: str | None = None  # absent in a safe-mode report: kept as an event
+    ts: float | None = None
+
+
+class Stamped(msgspec.Struct):
+    """The one field hydrod reads from an event payload; the rest is kept as is."""
+
+    ts: float | None = None
+
+
+_decoders: dict[type, msgspec.json.Decoder] = {
+    t: msgspec.json.Decoder(t) for t in (NodeHello, Telemetry, Heartbeat, Status, Stamped)
+}
+_object_decoder = msgspec.json.Decoder(dict)
+
+
+def decode(payload: bytes, shape: type):
+    """Decode and validate a JSON payload, or raise Rejected naming what is wrong."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(BAD_ENCODING, f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if b"\\u0000" in payload:
+        raise Rejected(BAD_PAYLOAD, "payload contains a NUL character (\\u0000)")
+    try:
+        return _decoders[shape].decode(payload)
+    except msgspec.ValidationError as exc:
+        raise Rejected(BAD_PAYLOAD, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise Rejected(BAD_JSON, str(exc)) from None
+
+
+def decode_object(payload: bytes) -> dict:
+    """A payload that must be a JSON object, kept whole (config_report, events)."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(BAD_ENCODING, f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if b"\\u0000" in payload:
+        raise Rejected(BAD_PAYLOAD, "payload contains a NUL character (\\u0000)")
+    try:
+        value = _object_decoder.decode(payload)
+    except msgspec.ValidationError:
+        raise Rejected(BAD_PAYLOAD, "payload is not a JSON object") from None
+    except msgspec.DecodeError as exc:
+        raise Rejected(BAD_JSON, str(exc)) from None
+    _check_finite(value)
+    return value
+
+
+def _check_finite(value) -> None:
+    # JSON has no NaN/Infinity, but 1e999 decodes to inf: refuse it.
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Rejected(BAD_PAYLOAD, "a number is out of range (Infinity)")
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_finite(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_finite(item)
+
+
+# --- time rules (SPEC §2) ---------------------------------------------------
+
+MS_THRESHOLD = 1e12
+UPTIME_THRESHOLD = 1e9
+MAX_FUTURE_S = 300.0
+
+TS_OK = None
+TS_MISSING = "missing"
+TS_UPTIME = "uptime"
+TS_FUTURE = "future"
+
+
+def normalise_ts(ts: float | None, received_at: float, milliseconds: bool = False) -> tuple[float, str | None]:
+    """Return (unix seconds, replacement reason or None) for a node's `ts`."""
+    if ts is None:
+        return received_at, TS_MISSING
+    if not math.isfinite(ts):
+        return received_at, TS_MISSING
+    if milliseconds or ts > MS_THRESHOLD:
+        # A millisecond field still holding uptime-ms is caught by the rule below.
+        ts = ts / 1000.0
+    if ts < UPTIME_THRESHOLD:
+        return received_at, TS_UPTIME
+    if ts > received_at + MAX_FUTURE_S:
+        return received_at, TS_FUTURE
+    return ts, TS_OK
+
+
+# --- node identity (SPEC §2) -----------------------------------------------
+
+NODE_TYPES = frozenset({"ph", "ec", "climate", "irrig", "light", "relay", "water_sensor", "recirculation"})
+UID_PREFIX = {
+    "ph": "ph", "ec": "ec", "climate": "clim", "irrig": "irr", "light": "light",
+    "relay": "relay", "water_sensor": "water", "recirculation": "recirc",
+}
+_PROVISIONED_UID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def normalise_type(node_type: str | None) -> str:
+    value = (node_type or "").strip().lower()
+    return value if value in NODE_TYPES else "unknown"
+
+
+def base_uid(hardware_id: str, node_type: str) -> str:
+    """`esp32-a1b2c3d4e5f6` as a ph node is `nd-ph-a1b2c3d4e5f6`."""
+    core = hardware_id.lower()
+    for char in ":-_":
+        core = core.replace(char, "")
+    if core.startswith("esp32"):
+        core = core[len("esp32"):]
+    return f"nd-{UID_PREFIX.get(node_type, 'node')}-{core[:12]}"
+
+
+def provisioned_uid(hello: NodeHello) -> str | None:
+    meta = hello.provisioning_meta
+    if meta and meta.node_uid and _PROVISIONED_UID.match(meta.node_uid):
+        return meta.node_uid
+    return None
+
+
+def time_response(now: float) -> bytes:
+    second = int(now)
+    return msgspec.json.encode({"message_type": "time_response", "unix_ts": second, "server_time": second})

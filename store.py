@@ -1,0 +1,409 @@
+"""Everything hydrod says to PostgreSQL: migrations, and one function per write.
+
+Plain functions over a psycopg connection or cursor: the actors own the
+connections and the transactions; this module owns the SQL. Decisions that
+must hold across several hydrod instances (uids, binds, acknowledgements) are
+made here, in SQL, under row locks, not in any one process's memory.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Iterable
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+MIGRATION_LOCK = 0x687964726F64  # "hydrod": one migrator at a time
+
+# --- migrations ---------------------------------------------------------------
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every file in migrations/, in order."""
+    found = []
+    for entry in resources.files("hydrod").joinpath("migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def migrate(conn: psycopg.Connection) -> list[str]:
+    """Apply the migrations not applied yet; return their names."""
+    applied_now = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            conn.execute(sql)
+            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+            applied_now.append(name)
+    return applied_now
+
+
+# --- staging (per connection) ---------------------------------------------------
+
+STAGE_COLUMNS = (
+    "seq", "kind", "node_key", "gh", "zone", "channel", "metric", "value", "ts",
+    "received_at", "online", "uptime", "free_heap", "rssi", "fw_version", "payload",
+)
+
+
+def prepare_connection(conn: psycopg.Connection) -> None:
+    """psycopg_pool `configure` hook: the staging table each batch is copied into."""
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS hydrod_stage ("
+        " seq bigint, kind text, node_key text, gh text, zone text, channel text,"
+        " metric text, value double precision, ts double precision,"
+        " received_at double precision, online boolean, uptime double precision,"
+        " free_heap bigint, rssi integer, fw_version text, payload jsonb"
+        ") ON COMMIT DELETE ROWS"
+    )
+    conn.commit()
+
+
+# --- history: telemetry, liveness, events ---------------------------------------
+
+# One statement stores a whole staged batch: it resolves each row's node (by uid,
+# then hardware id), refuses what must be refused, and returns the refused rows.
+_HISTORY_SQL = """
+WITH keys AS (
+    SELECT DISTINCT node_key FROM hydrod_stage
+), resolved_keys AS (
+    SELECT k.node_key, n.id, n.gh_uid, n.zone_uid
+    FROM keys k
+    JOIN LATERAL (
+        SELECT id, gh_uid, zone_uid, 0 AS rank FROM nodes WHERE uid = k.node_key
+        UNION ALL
+        SELECT id, gh_uid, zone_uid, 1 AS rank FROM nodes WHERE hardware_id = k.node_key
+        ORDER BY rank LIMIT 1
+    ) n ON true
+), r AS (
+    SELECT s.*, rk.id AS node_id,
+        CASE
+            WHEN rk.id IS NULL AND s.kind IN ('telemetry', 'heartbeat', 'status', 'lwt') THEN 'unknown_node'
+            WHEN s.kind = 'telemetry' AND rk.gh_uid IS NOT NULL
+                 AND (rk.gh_uid IS DISTINCT FROM s.gh OR rk.zone_uid IS DISTINCT FROM s.zone)
+                THEN 'zone_mismatch'
+        END AS reason
+    FROM hydrod_stage s LEFT JOIN resolved_keys rk USING (node_key)
+), samples AS (
+    INSERT INTO telemetry_samples (node_id, channel, metric_type, value, ts, received_at, metadata)
+    SELECT node_id, channel, metric, value, to_timestamp(ts), to_timestamp(received_at),
+           payload - '{metric_type,value,ts}'::text[]
+    FROM r WHERE kind = 'telemetry' AND reason IS NULL
+    ON CONFLICT (node_id, channel, metric_type, ts) DO NOTHING
+), latest AS (
+    INSERT INTO telemetry_last (node_id, channel, metric_type, value, ts, received_at, metadata)
+    SELECT DISTINCT ON (node_id, channel, metric)
+           node_id, channel, metric, value, to_timestamp(ts), to_timestamp(received_at),
+           payload - '{metric_type,value,ts}'::text[]
+    FROM r WHERE kind = 'telemetry' AND reason IS NULL
+    ORDER BY node_id, channel, metric, ts DESC, seq DESC
+    ON CONFLICT (node_id, channel, metric_type) DO UPDATE
+        SET value = EXCLUDED.value, ts = EXCLUDED.ts,
+            received_at = EXCLUDED.received_at, metadata = EXCLUDED.metadata
+        WHERE telemetry_last.ts < EXCLUDED.ts
+), events AS (
+    INSERT INTO node_events (node_id, node_key, channel, kind, payload, ts, received_at)
+    SELECT node_id, node_key, channel, kind, payload, to_timestamp(ts), to_timestamp(received_at)
+    FROM r WHERE kind NOT IN ('telemetry') AND reason IS NULL
+), live AS (
+    SELECT node_id,
+        max(received_at) FILTER (WHERE online) AS seen,
+        (array_agg(online ORDER BY seq DESC))[1] AS online,
+        max(received_at) FILTER (WHERE kind = 'heartbeat') AS heartbeat_at,
+        (array_agg(uptime ORDER BY seq DESC) FILTER (WHERE kind = 'heartbeat'))[1] AS uptime,
+        (array_agg(free_heap ORDER BY seq DESC) FILTER (WHERE kind = 'heartbeat'))[1] AS free_heap,
+        (array_agg(rssi ORDER BY seq DESC) FILTER (WHERE kind = 'heartbeat'))[1] AS rssi,
+        (array_agg(fw_version ORDER BY seq DESC) FILTER (WHERE kind = 'heartbeat' AND fw_version IS NOT NULL))[1] AS fw_version
+    FROM r WHERE node_id IS NOT NULL AND reason IS NULL
+    GROUP BY node_id
+), touched AS (
+    UPDATE nodes n SET
+        status = CASE WHEN live.online THEN 'online' ELSE 'offline' END,
+        last_seen_at = CASE WHEN live.seen IS NULL THEN n.last_seen_at
+                            ELSE greatest(n.last_seen_at, to_timestamp(live.seen)) END,
+        last_heartbeat_at = coalesce(to_timestamp(live.heartbeat_at), n.last_heartbeat_at),
+        uptime_seconds = coalesce(live.uptime, n.uptime_seconds),
+        free_heap_bytes = coalesce(live.free_heap, n.free_heap_bytes),
+        rssi = coalesce(live.rssi, n.rssi),
+        fw_version = coalesce(live.fw_version, n.fw_version),
+        updated_at = now()
+    FROM (SELECT l.*, o.status AS old_status FROM live l JOIN nodes o ON o.id = l.node_id) live
+    WHERE n.id = live.node_id
+    RETURNING n.uid, n.status, live.old_status
+)
+SELECT 'reject' AS what, seq::text, reason FROM r WHERE reason IS NOT NULL
+UNION ALL
+SELECT 'status', uid, status FROM touched WHERE status IS DISTINCT FROM old_status
+"""
+
+
+def write_history(cur: psycopg.Cursor, rows: Iterable[tuple]) -> tuple[list[tuple[int, str]], dict[str, str]]:
+    """Store staged history rows; return (refused (seq, reason), {uid: new status} for nodes whose status changed)."""
+    with cur.copy(f"COPY hydrod_stage ({', '.join(STAGE_COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+    cur.execute(_HISTORY_SQL)
+    refused, statuses = [], {}
+    for what, key, value in cur.fetchall():
+        if what == "reject":
+            refused.append((int(key), value))
+        else:
+            statuses[key] = value
+    return refused, statuses
+
+
+def write_dead_letters(cur: psycopg.Cursor, rows: Iterable[tuple[float, str, bytes, str, str]]) -> None:
+    """rows: (received_at unix seconds, topic, payload, reason, detail)."""
+    with cur.copy("COPY dead_letters (received_at, topic, payload, reason, detail) FROM STDIN") as copy:
+        for received_at, topic, payload, reason, detail in rows:
+            copy.write_row((_ts(received_at), topic, payload, reason, detail))
+
+
+def _ts(unix: float):
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(unix, tz=timezone.utc)
+
+
+def mark_silent_offline(cur: psycopg.Cursor, offline_after_s: float) -> list[str]:
+    """Nodes online but silent for offline_after_s become offline; return their uids."""
+    cur.execute(
+        "UPDATE nodes SET status = 'offline', updated_at = now()"
+        " WHERE status = 'online' AND (last_seen_at IS NULL"
+        "   OR last_seen_at < now() - make_interval(secs => %s))"
+        " RETURNING uid",
+        (offline_after_s,),
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+# --- registry ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registration:
+    uid: str
+    created: bool
+    changed: tuple[str, ...]  # the fields a repeat hello changed
+
+
+def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_version: str | None,
+                  capabilities: list[str], hardware_revision: str | None, name: str | None,
+                  wanted_uid: str | None, base: str, seen_at: float) -> Registration:
+    """Create the node for a new hardware id, or update a known one (uid kept)."""
+    cur.execute(
+        "SELECT uid, type, fw_version, capabilities, hardware_revision FROM nodes"
+        " WHERE hardware_id = %s FOR UPDATE",
+        (hardware_id,),
+    )
+    row = cur.fetchone()
+    seen = _ts(seen_at)
+    if row is not None:
+        uid, old_type, old_fw, old_caps, old_rev = row
+        changed = tuple(name for name, old, new in (
+            ("type", old_type, node_type), ("fw_version", old_fw, fw_version),
+            ("capabilities", old_caps, capabilities), ("hardware_revision", old_rev, hardware_revision),
+        ) if old != new)
+        cur.execute(
+            "UPDATE nodes SET type = %s, fw_version = %s, capabilities = %s, hardware_revision = %s,"
+            " name = coalesce(%s, name), status = 'online',"
+            " last_seen_at = greatest(last_seen_at, %s), updated_at = now()"
+            " WHERE hardware_id = %s",
+            (node_type, fw_version, Jsonb(capabilities), hardware_revision, name, seen, hardware_id),
+        )
+        return Registration(uid, False, changed)
+    for candidate in _uid_candidates(cur, wanted_uid or base):
+        cur.execute(
+            "INSERT INTO nodes (uid, hardware_id, type, fw_version, capabilities, hardware_revision,"
+            " name, status, last_seen_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, 'online', %s)"
+            " ON CONFLICT DO NOTHING RETURNING uid",
+            (candidate, hardware_id, node_type, fw_version, Jsonb(capabilities), hardware_revision,
+             name, seen),
+        )
+        if cur.fetchone() is not None:
+            return Registration(candidate, True, ())
+        # Either the uid was taken meanwhile (try the next) or another instance
+        # registered this very hardware id (then it is an update).
+        cur.execute("SELECT 1 FROM nodes WHERE hardware_id = %s", (hardware_id,))
+        if cur.fetchone() is not None:
+            return register_node(cur, hardware_id=hardware_id, node_type=node_type, fw_version=fw_version,
+                                 capabilities=capabilities, hardware_revision=hardware_revision,
+                                 name=name, wanted_uid=wanted_uid, base=base, seen_at=seen_at)
+    raise RuntimeError("unreachable: uid candidates are endless")
+
+
+def _uid_candidates(cur: psycopg.Cursor, base: str):
+    """base, base-1, base-2, ... skipping the ones already taken."""
+    cur.execute(
+        "SELECT uid FROM nodes WHERE uid = %s OR uid LIKE %s",
+        (base, base.replace("_", r"\_").replace("%", r"\%") + "-%"),
+    )
+    taken = {row[0] for row in cur.fetchall()}
+    if base not in taken:
+        yield base
+    suffix = 1
+    while True:
+        candidate = f"{base}-{suffix}"
+        if candidate not in taken:
+            yield candidate
+        suffix += 1
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    uid: str | None  # None: the node is unknown and the report is held
+    applied_versions: tuple[int, ...]
+    bound_to: tuple[str, str] | None
+
+
+def find_node(cur: psycopg.Cursor, node_key: str, lock: bool = False) -> dict[str, Any] | None:
+    """A node by uid first, then by hardware id (SPEC §1)."""
+    suffix = " FOR UPDATE" if lock else ""
+    for column in ("uid", "hardware_id"):
+        cur.execute(f"SELECT * FROM nodes WHERE {column} = %s{suffix}", (node_key,))
+        row = cur.fetchone()
+        if row is not None:
+            return dict(zip([c.name for c in cur.description], row))
+    return None
+
+
+def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: str, temp: bool,
+                        topic: str, config: dict[str, Any], received_at: float) -> ReportOutcome:
+    """Keep a node's reported config; acknowledge pushes; complete a pending bind."""
+    node = find_node(cur, node_key, lock=True)
+    if node is None:
+        cur.execute(
+            "INSERT INTO held_config_reports (node_key, gh, zone, topic, payload, received_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (node_key) DO UPDATE SET gh = EXCLUDED.gh, zone = EXCLUDED.zone,"
+            " topic = EXCLUDED.topic, payload = EXCLUDED.payload, received_at = EXCLUDED.received_at"
+            " WHERE held_config_reports.received_at <= EXCLUDED.received_at",
+            (node_key, gh, zone, topic, Jsonb(config), _ts(received_at)),
+        )
+        return ReportOutcome(None, (), None)
+    version = config.get("version")
+    reported = version if isinstance(version, (int, float)) and not isinstance(version, bool) else None
+    cur.execute(
+        "UPDATE node_configs SET status = 'applied', applied_at = now()"
+        " WHERE node_id = %s AND status IN ('queued', 'published', 'timeout')"
+        "   AND (%s::double precision IS NULL OR version <= %s::double precision)"
+        " RETURNING version, config->>'gh_uid', config->>'zone_uid'",
+        (node["id"], reported, reported),
+    )
+    applied = cur.fetchall()
+    bound_to = None
+    if node["gh_uid"] is None and not temp:
+        # A bind completes when the node reports from the gh/zone a config sent it.
+        if any(row[1] == gh and row[2] == zone for row in applied):
+            bound_to = (gh, zone)
+    cur.execute(
+        "UPDATE nodes SET config = %s, config_reported_at = %s, status = 'online',"
+        " last_seen_at = greatest(last_seen_at, %s), updated_at = now(),"
+        " gh_uid = coalesce(%s, gh_uid), zone_uid = coalesce(%s, zone_uid),"
+        " lifecycle_state = CASE WHEN %s AND lifecycle_state IN"
+        "   ('MANUFACTURED', 'UNPROVISIONED', 'PROVISIONED_WIFI', 'REGISTERED_BACKEND')"
+        "   THEN 'ASSIGNED_TO_ZONE' ELSE lifecycle_state END"
+        " WHERE id = %s",
+        (Jsonb(config), _ts(received_at), _ts(received_at),
+         bound_to[0] if bound_to else None, bound_to[1] if bound_to else None,
+         bound_to is not None, node["id"]),
+    )
+    return ReportOutcome(node["uid"], tuple(int(row[0]) for row in applied), bound_to)
+
+
+def take_held_reports(cur: psycopg.Cursor, keys: Iterable[str]) -> list[dict[str, Any]]:
+    cur.execute(
+        "DELETE FROM held_config_reports WHERE node_key = ANY(%s)"
+        " RETURNING node_key, gh, zone, topic, payload, extract(epoch FROM received_at)",
+        (list(keys),),
+    )
+    return [dict(zip(("node_key", "gh", "zone", "topic", "payload", "received_at"), row))
+            for row in cur.fetchall()]
+
+
+# --- config push --------------------------------------------------------------------
+
+
+def node_for_push(cur: psycopg.Cursor, uid: str) -> dict[str, Any] | None:
+    """The node to push to, locked, with a node_secret generated once and kept."""
+    cur.execute("SELECT id, uid, hardware_id, type, gh_uid, zone_uid, node_secret, lifecycle_state"
+                " FROM nodes WHERE uid = %s FOR UPDATE", (uid,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    node = dict(zip([c.name for c in cur.description], row))
+    if not node["node_secret"]:
+        node["node_secret"] = secrets.token_hex(32)
+        cur.execute("UPDATE nodes SET node_secret = %s WHERE id = %s", (node["node_secret"], node["id"]))
+    cur.execute("SELECT coalesce(max(version), 0) FROM node_configs WHERE node_id = %s", (node["id"],))
+    node["last_version"] = int(cur.fetchone()[0])
+    return node
+
+
+def record_config(cur: psycopg.Cursor, *, node_id: int, version: int, config: dict[str, Any],
+                  payload: bytes, topic: str) -> int:
+    cur.execute(
+        "INSERT INTO node_configs (node_id, version, config, payload, topic, status)"
+        " VALUES (%s, %s, %s, %s, %s, 'queued') RETURNING id",
+        (node_id, version, Jsonb(config), payload.decode(), topic),
+    )
+    return int(cur.fetchone()[0])
+
+
+def mark_published(cur: psycopg.Cursor, config_ids: Iterable[int]) -> None:
+    cur.execute(
+        "UPDATE node_configs SET status = 'published', published_at = now()"
+        " WHERE id = ANY(%s) AND status = 'queued'",
+        (list(config_ids),),
+    )
+
+
+def queued_configs(cur: psycopg.Cursor) -> list[tuple[int, str, int, str, bytes]]:
+    """(config id, node uid, version, topic, payload) of every config not yet taken by the broker."""
+    cur.execute("SELECT c.id, n.uid, c.version, c.topic, c.payload FROM node_configs c"
+                " JOIN nodes n ON n.id = c.node_id WHERE c.status = 'queued' ORDER BY c.id")
+    return [(row[0], row[1], int(row[2]), row[3], row[4].encode()) for row in cur.fetchall()]
+
+
+def expire_configs(cur: psycopg.Cursor, timeout_s: float) -> list[tuple[str, int, str]]:
+    """Published configs unacknowledged for timeout_s become `timeout`."""
+    cur.execute(
+        "UPDATE node_configs c SET status = 'timeout' FROM nodes n"
+        " WHERE c.node_id = n.id AND c.status = 'published'"
+        "   AND c.published_at < now() - make_interval(secs => %s)"
+        " RETURNING n.uid, c.version, c.topic",
+        (timeout_s,),
+    )
+    return [tuple(row) for row in cur.fetchall()]
+
+
+# --- reads --------------------------------------------------------------------------
+
+NODE_FIELDS = (
+    "uid, hardware_id, type, fw_version, hardware_revision, capabilities, name, lifecycle_state,"
+    " status, gh_uid, zone_uid, config, last_seen_at, last_heartbeat_at, uptime_seconds,"
+    " free_heap_bytes, rssi, created_at, updated_at"
+)
+
+
+def list_nodes(conn: psycopg.Connection, uid: str | None = None) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        if uid is None:
+            cur.execute(f"SELECT {NODE_FIELDS} FROM nodes ORDER BY uid")
+        else:
+            cur.execute(f"SELECT {NODE_FIELDS} FROM nodes WHERE uid = %s", (uid,))
+        return cur.fetchall()

@@ -1,0 +1,320 @@
+"""The supervisor: starts the actors in dependency order, restarts the ones that
+fail, and stops them all, in reverse order, on SIGTERM or when it gives up.
+
+Only this module knows restart policy. A restart loses nothing: the dead
+actor's queued messages, and whatever was told to it meanwhile, go to its
+replacement under the same address. A message that keeps crashing its actor
+is split (a batch) or dead-lettered (a single message) instead of replayed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pykka
+import structlog
+
+from . import protocol, store
+from .actors.base import (ActorFailed, Address, Backoff, Context, Deliver, Flush, Health, Ticker,
+                          tell_later)
+from .actors.config_publisher import ConfigPublisher
+from .actors.db_writer import DbWriter
+from .actors.http_api import HttpApi, Peers
+from .actors.mqtt_io import Close, MqttIo, StopIntake
+from .actors.node_registry import NodeRegistry
+from .errors import DatabaseUnavailable, StartupError, SupervisorGaveUp
+from .metrics import Metrics
+from .settings import Settings
+
+log = structlog.get_logger("hydrod").bind(actor="supervisor")
+
+
+@dataclass
+class ActorSpec:
+    name: str
+    start: Callable[[Context], pykka.ActorRef]
+    address: Address
+    restarts: deque = field(default_factory=deque)  # monotonic times, within the window
+
+
+# --- the supervising actor ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Restart:
+    failure: ActorFailed
+
+
+@dataclass(frozen=True)
+class _Stats:
+    pass
+
+
+class SupervisorActor(pykka.ThreadingActor):
+    """Receives failures; decides, logs and carries out every restart."""
+
+    use_daemon_thread = True
+
+    def __init__(self, daemon: Daemon):
+        super().__init__()
+        self.daemon = daemon
+        self.settings = daemon.settings.supervisor
+        self.backoff: dict[str, Backoff] = {}
+        self._message_failures: dict[int, tuple[Any, int]] = {}
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case ActorFailed():
+                self._failed(message)
+            case _Restart(failure):
+                self._restart(failure)
+            case _Stats():
+                self.daemon.log_stats()
+        return None
+
+    def _failed(self, failure: ActorFailed) -> None:
+        spec = self.daemon.specs[failure.name]
+        now = time.monotonic()
+        spec.restarts.append(now)
+        while spec.restarts and spec.restarts[0] < now - self.settings.restart_window_s:
+            spec.restarts.popleft()
+        log.error("actor_failed", failed_actor=failure.name, error=repr(failure.error),
+                  message=type(failure.message).__name__ if failure.message is not None else None,
+                  queued=len(failure.leftovers), restarts_in_window=len(spec.restarts))
+        if self.daemon.stopping.is_set():
+            return
+        if len(spec.restarts) > self.settings.max_restarts:
+            log.critical("supervisor_gave_up", failed_actor=failure.name, restarts=len(spec.restarts) - 1,
+                         window_s=self.settings.restart_window_s)
+            self.daemon.give_up(SupervisorGaveUp(
+                f"{failure.name} failed {len(spec.restarts)} times in {self.settings.restart_window_s:g} s"))
+            return
+        backoff = self.backoff.setdefault(failure.name, Backoff(self.settings.backoff_min_s,
+                                                                self.settings.backoff_max_s))
+        delay = backoff.next_delay()
+        log.info("actor_restart_scheduled", failed_actor=failure.name, in_s=round(delay, 3))
+        tell_later(self.daemon.supervisor_address, _Restart(failure), delay)
+
+    def _restart(self, failure: ActorFailed) -> None:
+        if self.daemon.stopping.is_set():
+            return
+        spec = self.daemon.specs[failure.name]
+        first = self._replay_or_dead_letter(failure)
+        try:
+            ref = self.daemon.start_actor(spec, replay_first=first, replay=failure.leftovers)
+        except StartupError as exc:
+            # Counted like any failure: the budget decides whether to try again.
+            self._failed(ActorFailed(failure.name, failure.ref, exc, None, failure.leftovers))
+            return
+        self.daemon.metrics.restarts.labels(failure.name).inc()
+        log.info("actor_restarted", restarted_actor=failure.name, ref=str(ref), replayed=len(failure.leftovers)
+                 + len(first), held=spec.address.held)
+
+    def _replay_or_dead_letter(self, failure: ActorFailed) -> tuple[Any, ...]:
+        """The failed message goes first to the replacement, unless it keeps failing."""
+        message = failure.message
+        if message is None:
+            return ()
+        key = _identity(failure.name, message)
+        _, count = self._message_failures.get(key, (message, 0))
+        count += 1
+        if count < self.settings.max_message_failures:
+            self._message_failures[key] = (message, count)
+            return (message,)
+        self._message_failures.pop(key, None)
+        if isinstance(message, Deliver) and len(message.items) > 1:
+            middle = len(message.items) // 2
+            log.warning("poison_batch_split", failed_actor=failure.name, items=len(message.items))
+            return (Deliver(message.items[:middle]), Deliver(message.items[middle:]))
+        if isinstance(message, Deliver):
+            item = message.items[0]
+            log.warning("message_rejected", reason=protocol.HANDLER_CRASH, topic=item.topic,
+                        detail=f"crashed {failure.name} {count} times: {failure.error!r}")
+            self.daemon.specs["db_writer"].address.tell(
+                Deliver((item._replace(kind=protocol.REJECT, reason=protocol.HANDLER_CRASH),)))
+            return ()
+        self.daemon.metrics.rejected.labels("message_dropped").inc()
+        log.error("message_dropped", failed_actor=failure.name, message=repr(message)[:200],
+                  detail=f"crashed its actor {count} times")
+        return ()
+
+
+# --- the daemon ---------------------------------------------------------------------------
+
+
+class Daemon:
+    """Builds the actors and their addresses; run() blocks until stopped."""
+
+    ORDER = ("db_writer", "node_registry", "config_publisher", "http_api", "mqtt_io")
+
+    def __init__(self, settings: Settings, fault_hook: Callable[[str, Any], None] | None = None):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.fault_hook = fault_hook
+        self.stopping = threading.Event()
+        self.failure: BaseException | None = None
+        self.supervisor_address = Address("supervisor")
+        self.specs: dict[str, ActorSpec] = {}
+        self.started: list[str] = []
+        self._supervisor_ref: pykka.ActorRef | None = None
+        self._stats: Ticker | None = None
+        self._build()
+
+    def _build(self) -> None:
+        s = self.settings
+        addr = {name: Address(name) for name in self.ORDER}
+        dsn = s.database.dsn.get_secret_value()
+        retry = lambda: Backoff(s.database.retry_min_s, s.database.retry_max_s)  # noqa: E731
+        consumer = dict(dsn=dsn, mqtt=addr["mqtt_io"], metrics=self.metrics,
+                        flush_interval=s.telemetry.flush_interval_ms / 1000)
+        factories = {
+            "db_writer": lambda ctx: DbWriter.start(
+                ctx, offline_after_s=s.nodes.offline_after_s, pool_size=(s.database.pool_min, s.database.pool_max),
+                batch_size=s.telemetry.batch_size, retry=retry(), **consumer),
+            "node_registry": lambda ctx: NodeRegistry.start(
+                ctx, pool_size=(1, 1), batch_size=min(s.telemetry.batch_size, 500), retry=retry(), **consumer),
+            "config_publisher": lambda ctx: ConfigPublisher.start(
+                ctx, dsn=dsn, mqtt=addr["mqtt_io"], metrics=self.metrics,
+                ack_timeout_s=s.nodes.config_ack_timeout_s),
+            "http_api": lambda ctx: HttpApi.start(
+                ctx, settings=s.http, metrics=self.metrics, ask_timeout=s.supervisor.ask_timeout_s,
+                peers=Peers(registry=addr["node_registry"], config_publisher=addr["config_publisher"],
+                            db_writer=addr["db_writer"], mqtt=addr["mqtt_io"],
+                            all=tuple(addr[name] for name in self.ORDER if name != "http_api"
+                                      or s.http.enabled))),
+            "mqtt_io": lambda ctx: MqttIo.start(
+                ctx, settings=s.mqtt, registry=addr["node_registry"], history=addr["db_writer"],
+                link_watchers=(addr["config_publisher"],), metrics=self.metrics,
+                batch_size=s.telemetry.batch_size, max_pending=s.telemetry.max_pending),
+        }
+        for name in self.ORDER:
+            if name == "http_api" and not s.http.enabled:
+                continue
+            self.specs[name] = ActorSpec(name, factories[name], addr[name])
+
+    # -- start --
+
+    def migrate(self) -> None:
+        """Apply migrations, waiting for PostgreSQL up to database.startup_timeout_s."""
+        s = self.settings.database
+        deadline = time.monotonic() + s.startup_timeout_s
+        backoff = Backoff(s.retry_min_s, min(s.retry_max_s, 2.0))
+        while True:
+            try:
+                with psycopg.connect(s.dsn.get_secret_value(), connect_timeout=5) as conn:
+                    applied = store.migrate(conn)
+                break
+            except psycopg.OperationalError as exc:
+                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if time.monotonic() >= deadline:
+                    raise DatabaseUnavailable(f"PostgreSQL unreachable for {s.startup_timeout_s:g} s: {error}") from None
+                if backoff.attempts == 0:
+                    log.error("db_unavailable", error=error, doing="migrate", gives_up_in_s=s.startup_timeout_s)
+                time.sleep(min(backoff.next_delay(), max(deadline - time.monotonic(), 0)))
+        log.info("migrations_applied", applied=applied, outage_s=backoff.reset())
+
+    def start(self) -> None:
+        started_at = time.monotonic()
+        self.migrate()
+        self._supervisor_ref = SupervisorActor.start(self)
+        self.supervisor_address.attach(self._supervisor_ref)
+        for name in self.specs:
+            self.start_actor(self.specs[name])
+            self.started.append(name)
+        self._stats = Ticker("stats", self.supervisor_address, _Stats(),
+                             self.settings.logging.stats_interval_s).start()
+        log.info("daemon_started", actors=self.started, startup_s=round(time.monotonic() - started_at, 3))
+
+    def start_actor(self, spec: ActorSpec, replay_first: tuple[Any, ...] = (),
+                    replay: tuple[Any, ...] = ()) -> pykka.ActorRef:
+        ctx = Context(spec.name, spec.address, self.supervisor_address, self.fault_hook)
+        try:
+            ref = spec.start(ctx)
+        except Exception as exc:
+            raise StartupError(f"actor {spec.name} did not start: {exc}") from exc
+        try:
+            # on_start failures are otherwise silent in pykka: ping with a timeout.
+            ref.ask(Health(), timeout=self.settings.supervisor.ask_timeout_s)
+        except Exception as exc:
+            ref.stop(block=False)
+            raise StartupError(f"actor {spec.name} did not start: {_cause(exc)}") from exc
+        spec.address.attach(ref, replay_first=replay_first, replay=replay)
+        log.info("actor_started", started_actor=spec.name)
+        return ref
+
+    # -- run and stop --
+
+    def give_up(self, error: BaseException) -> None:
+        self.failure = error
+        self.stopping.set()
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stopping.is_set():
+            log.info("daemon_stopping", reason=reason)
+        self.stopping.set()
+
+    def wait(self) -> None:
+        while not self.stopping.wait(1.0):
+            pass
+
+    def log_stats(self) -> None:
+        pending = self.specs["mqtt_io"].address
+        log.info("stats", **self.metrics.summary(), held_for_restart=sum(s.address.held for s in self.specs.values()),
+                 mqtt_restarting=pending.ref is None)
+
+    def shutdown(self) -> None:
+        """Drain and stop, in reverse order; every wait bounded by shutdown_timeout_s."""
+        deadline = time.monotonic() + self.settings.supervisor.shutdown_timeout_s
+        remaining = lambda: max(deadline - time.monotonic(), 0.1)  # noqa: E731
+        self.stopping.set()
+        if self._stats is not None:
+            self._stats.stop()
+        drained: dict[str, Any] = {}
+        # Registry work first: history held behind it is released to db_writer by
+        # the second StopIntake, which also hands over MqttIo's partial batches.
+        steps = [("mqtt_io", StopIntake()), ("node_registry", Flush()), ("mqtt_io", StopIntake()),
+                 ("db_writer", Flush()), ("mqtt_io", Close())]
+        for name, step in steps:
+            if name not in self.started:
+                continue
+            try:
+                drained[f"{name}.{type(step).__name__}"] = (
+                    drained.get(f"{name}.{type(step).__name__}", 0)
+                    + (self.specs[name].address.ask(step, remaining()) or 0))
+            except Exception as exc:  # a step that cannot finish must not stop the others
+                log.error("drain_step_failed", step=f"{name}.{type(step).__name__}", error=repr(exc))
+        for name in reversed(self.started):
+            ref = self.specs[name].address.ref
+            if ref is None:
+                continue
+            try:
+                ref.stop(block=True, timeout=remaining())
+            except pykka.Timeout:
+                log.error("actor_stop_timeout", stopped_actor=name)
+        if self._supervisor_ref is not None:
+            try:
+                self._supervisor_ref.stop(block=True, timeout=remaining())
+            except pykka.Timeout:
+                log.error("actor_stop_timeout", stopped_actor="supervisor")
+        log.info("daemon_stopped", drained=drained, failure=None if self.failure is None else str(self.failure))
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, pykka.ActorDeadError):
+        return "it stopped during start-up (see the error logged just before)"
+    if isinstance(exc, pykka.Timeout):
+        return "it did not answer in time"
+    return repr(exc)
+
+
+def _identity(actor: str, message: Any) -> tuple:
+    """The same message across replays: a salvaged batch is rebuilt, so it is known by its items."""
+    if isinstance(message, Deliver) and message.items:
+        return actor, message.items[0].seq, message.items[-1].seq, len(message.items)
+    return actor, id(message)
