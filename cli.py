@@ -18,7 +18,8 @@ from . import logs, settings as settings_module, store
 from .errors import HydrodError
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, fault_hook=None) -> int:
+    """The console script. `fault_hook` is for tests that make actors fail on purpose."""
     parser = argparse.ArgumentParser(prog="hydrod", description="MQTT backbone of a hydroponics greenhouse.")
     parser.add_argument("--config", type=Path, default=None,
                         help="config file (default: $HYDROD_CONFIG, else ./config.toml)")
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = settings_module.load(args.config)
         logs.configure(config.logging.level, config.logging.format)
+        if args.command == "run":
+            return run(config, args, fault_hook)
         return COMMANDS[args.command](config, args)
     except HydrodError as exc:
         _fatal(exc, exc.exit_code)
@@ -50,10 +53,10 @@ def _fatal(exc: BaseException, code: int) -> None:
     print(f"hydrod: {exc}", file=sys.stderr)
 
 
-def run(config, args) -> int:
+def run(config, args, fault_hook=None) -> int:
     from .supervisor import Daemon
 
-    daemon = Daemon(config)
+    daemon = Daemon(config, fault_hook=fault_hook)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop("SIGINT"))
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # dump thread tracebacks

@@ -1,0 +1,138 @@
+"""The pure rules of the wire protocol (SPEC §1-§2)."""
+
+import pytest
+
+from hydrod import protocol
+from hydrod.protocol import NodeHello, Rejected, Telemetry
+
+NOW = 1_764_400_000.0
+
+
+@pytest.mark.parametrize("hardware_id, node_type, uid", [
+    ("esp32-a1b2c3d4e5f6", "ph", "nd-ph-a1b2c3d4e5f6"),
+    ("esp32-78e36ddde468", "climate", "nd-clim-78e36ddde468"),
+    ("esp32-0a1b2c3d4e5f", "unknown", "nd-node-0a1b2c3d4e5f"),
+    ("ESP32:A1:B2:C3:D4:E5:F6", "ec", "nd-ec-a1b2c3d4e5f6"),
+    ("esp32_0011223344556677", "irrig", "nd-irr-001122334455"),
+    ("node-7", "water_sensor", "nd-water-node7"),
+    ("esp32-abc", "recirculation", "nd-recirc-abc"),
+    ("esp32-abc", "light", "nd-light-abc"),
+    ("esp32-abc", "relay", "nd-relay-abc"),
+])
+def test_a_node_uid_is_derived_from_its_hardware_id_and_type(hardware_id, node_type, uid):
+    assert protocol.base_uid(hardware_id, node_type) == uid
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("ph", "ph"), ("PH", "ph"), ("climate", "climate"), ("pump", "unknown"), (None, "unknown"),
+    ("water_sensor", "water_sensor"), ("", "unknown"),
+])
+def test_a_node_type_is_normalised_to_the_known_set(given, expected):
+    assert protocol.normalise_type(given) == expected
+
+
+def test_a_valid_provisioned_uid_wins_and_an_invalid_one_is_ignored():
+    good = protocol.decode(b'{"message_type":"node_hello","hardware_id":"esp32-1",'
+                           b'"provisioning_meta":{"node_uid":"tank-3"}}', NodeHello)
+    bad = protocol.decode(b'{"message_type":"node_hello","hardware_id":"esp32-1",'
+                          b'"provisioning_meta":{"node_uid":"Tank 3!"}}', NodeHello)
+    assert protocol.provisioned_uid(good) == "tank-3"
+    assert protocol.provisioned_uid(bad) is None
+
+
+@pytest.mark.parametrize("topic, kind, channel", [
+    ("hydro/node_hello", "node_hello", None),
+    ("hydro/gh-temp/zn-temp/esp32-a1/node_hello", "node_hello", None),
+    ("hydro/gh-1/zn-1/nd-ph-1/ph_sensor/telemetry", "telemetry", "ph_sensor"),
+    ("hydro/gh-1/zn-1/nd-ph-1/heartbeat", "heartbeat", None),
+    ("hydro/gh-1/zn-1/nd-ph-1/lwt", "lwt", None),
+    ("hydro/gh-1/zn-1/nd-ph-1/pump_acid/command_response", "command_response", "pump_acid"),
+    ("hydro/time/request", "time_request", None),
+    ("hydro/gh-1/zn-1/nd-ph-1/ph_sensor/heartbeat", "reject", None),
+    ("hydro/gh-1/zn-1//heartbeat", "reject", None),
+    ("other/gh-1/zn-1/nd-1/heartbeat", "reject", None),
+])
+def test_topics_are_classified_by_shape(topic, kind, channel):
+    routed = protocol.classify(7, topic, b"{}", NOW)
+    assert (routed.kind, routed.channel, routed.seq) == (kind, channel, 7)
+    if kind == "reject":
+        assert routed.reason == protocol.UNKNOWN_TOPIC
+
+
+def test_a_payload_over_64_kib_is_rejected_before_anything_else():
+    routed = protocol.classify(1, "hydro/gh-1/zn-1/nd-1/heartbeat", b" " * (64 * 1024 + 1), NOW)
+    assert (routed.kind, routed.reason) == ("reject", protocol.TOO_LARGE)
+
+
+def test_temp_is_exactly_gh_temp_and_zn_temp():
+    assert protocol.is_temp("gh-temp", "zn-temp")
+    assert not protocol.is_temp("gh-temp", "zn-1")
+    assert not protocol.is_temp("gh-1", "zn-temp")
+
+
+@pytest.mark.parametrize("ts, ms, expected, rule", [
+    (1_764_399_000, False, 1_764_399_000, None),
+    (1_764_399_000_123, False, 1_764_399_000.123, None),
+    (1_764_399_000_123, True, 1_764_399_000.123, None),
+    (12, False, NOW, "uptime"),
+    (12_000, True, NOW, "uptime"),
+    (NOW + 301, False, NOW, "future"),
+    (NOW + 299, False, NOW + 299, None),
+    (None, False, NOW, "missing"),
+])
+def test_timestamps_follow_the_unit_and_replacement_rules(ts, ms, expected, rule):
+    value, replaced = protocol.normalise_ts(ts, NOW, milliseconds=ms)
+    assert value == pytest.approx(expected)
+    assert replaced == rule
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"not json", protocol.BAD_JSON),
+    (b'{"metric_type":"PH","value":NaN}', protocol.BAD_JSON),
+    (b'{"metric_type":"PH","value":1e999}', protocol.BAD_PAYLOAD),
+    (b'{"metric_type":"PH","value":"5.8"}', protocol.BAD_PAYLOAD),
+    (b'{"metric_type":"PH","value":true}', protocol.BAD_PAYLOAD),
+    (b'{"value":5.8}', protocol.BAD_PAYLOAD),
+    (b'{"metric_type":"","value":5.8}', protocol.BAD_PAYLOAD),
+    (b'{"metric_type":"' + b"X" * 51 + b'","value":5.8}', protocol.BAD_PAYLOAD),
+    (b'{"metric_type":"PH","value":5.8,"note":"\xff"}', protocol.BAD_ENCODING),
+    (b'{"metric_type":"PH","value":5.8,"note":"a\\u0000b"}', protocol.BAD_PAYLOAD),
+    (b"[1, 2]", protocol.BAD_PAYLOAD),
+])
+def test_bad_telemetry_is_rejected_with_a_reason(payload, reason):
+    with pytest.raises(Rejected) as caught:
+        protocol.decode(payload, Telemetry)
+    assert caught.value.reason == reason
+    assert caught.value.detail
+
+
+def test_a_firmware_sample_decodes_with_its_extra_keys_ignored():
+    sample = protocol.decode(b'{"metric_type":"PH","value":5.86,"ts":1710001234,"unit":"pH","raw":1465,'
+                             b'"stable":false}', Telemetry)
+    assert (sample.metric_type, sample.value, sample.ts) == ("PH", 5.86, 1710001234)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b'{"message_type":"node_hello"}', protocol.BAD_PAYLOAD),
+    (b'{"message_type":"node_hello","hardware_id":"has space"}', protocol.BAD_PAYLOAD),
+    (b'{"message_type":"node_hello","hardware_id":"' + b"a" * 129 + b'"}', protocol.BAD_PAYLOAD),
+    (b'{"message_type":"hello","hardware_id":"esp32-1"}', protocol.BAD_PAYLOAD),
+    (b'{"message_type":"node_hello","hardware_id":"esp32-1","capabilities":"ph"}', protocol.BAD_PAYLOAD),
+])
+def test_a_bad_node_hello_is_rejected(payload, reason):
+    with pytest.raises(Rejected) as caught:
+        protocol.decode(payload, NodeHello)
+    assert caught.value.reason == reason
+
+
+def test_an_event_keeps_any_json_object_but_refuses_infinity():
+    assert protocol.decode_object(b'{"a":{"b":[1,2.5]}}') == {"a": {"b": [1, 2.5]}}
+    with pytest.raises(Rejected):
+        protocol.decode_object(b'{"a":[1e999]}')
+    with pytest.raises(Rejected):
+        protocol.decode_object(b'"just a string"')
+
+
+def test_the_time_response_carries_integer_seconds():
+    assert protocol.time_response(1_764_400_000.75) == (
+        b'{"message_type":"time_response","unix_ts":1764400000,"server_time":1764400000}')
