@@ -804,3 +804,92 @@ def _matches(record: dict[str, Any], event: str, fields: dict[str, Any]) -> bool
         if not callable(want) and got != want:
             return False
     return True
+
+
+# ------------------------------------------------------------ test helpers --
+# Small conveniences shared by the actor and fault tests.
+
+def metric_value(exposition: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text (`name{labels} value`), None when absent."""
+    for line in exposition.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric != name:
+            continue
+        found = dict(part.split("=", 1) for part in rest.rstrip("}").split(",") if "=" in part)
+        if all(found.get(key) == jsonlib.dumps(want) for key, want in labels.items()):
+            return float(value)
+    return None
+
+
+def vmrss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def hello(hardware_id: str, node_type: str = "ph", fw_version: str = "1.0.0") -> Message:
+    """A node_hello message as firmware sends it."""
+    return ("hydro/node_hello", {"message_type": "node_hello", "hardware_id": hardware_id,
+                                 "node_type": node_type, "fw_version": fw_version,
+                                 "capabilities": [node_type]})
+
+
+def register_node(port: int, dsn: str, hardware_id: str, node_type: str = "ph",
+                  timeout: float = 10.0) -> str:
+    """Publish a node_hello and wait for its `nodes` row; return the node's uid."""
+    publish(port, [hello(hardware_id, node_type)])
+    rows = wait_until(lambda: query(dsn, "SELECT uid FROM nodes WHERE hardware_id = %s", (hardware_id,)),
+                      timeout, f"node {hardware_id} registered")
+    return rows[0][0]
+
+
+def bind_node(daemon: Daemon, port: int, dsn: str, uid: str, gh: str = "gh-1", zone: str = "zn-1",
+              timeout: float = 10.0) -> None:
+    """Push a config naming gh/zone over HTTP, answer as the node would (config_report
+    from its new namespace) and wait until the node is bound there."""
+    status, body = daemon.http("POST", f"/api/nodes/{uid}/config",
+                               json={"channels": [], "gh_uid": gh, "zone_uid": zone})
+    assert status == 202, (status, body)
+    report = {"node_id": uid, "version": body["version"], "type": "ph", "channels": [],
+              "gh_uid": gh, "zone_uid": zone, "mqtt": {"configured": True}}
+    publish(port, [(f"hydro/{gh}/{zone}/{uid}/config_report", report)])
+    wait_until(lambda: query(dsn, "SELECT 1 FROM nodes WHERE uid = %s AND gh_uid = %s AND zone_uid = %s",
+                             (uid, gh, zone)), timeout, f"node {uid} bound to {gh}/{zone}")
+
+
+class BackgroundPublish:
+    """publish() on its own thread, for senders that keep going while a test acts:
+
+        sender = BackgroundPublish(broker.port, messages)
+        ...            # kill, cut, restart
+        sender.join()  # re-raises whatever publish() raised
+    """
+
+    def __init__(self, port: int, messages: Iterable[Message], timeout: float = 120.0,
+                 **kwargs: Any) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(port, list(messages), timeout, kwargs),
+                                        name="background-publish", daemon=True)
+        self._thread.start()
+
+    def _run(self, port: int, messages: list[Message], timeout: float, kwargs: dict[str, Any]) -> None:
+        try:
+            publish(port, messages, timeout=timeout, **kwargs)
+        except BaseException as error:  # handed to join()
+            self.error = error
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout: float = 120.0) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"publisher still running after {timeout}s")
+        if self.error is not None:
+            raise self.error
