@@ -44,7 +44,7 @@ def configure(level: str = "info", fmt: str = "json", stream=None) -> None:
         processors=[*shared, _default_actor, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # tests reconfigure; no log call is on the hot path
     )
 
 

@@ -32,7 +32,7 @@ from .errors import DatabaseUnavailable, StartupError, SupervisorGaveUp
 from .metrics import Metrics
 from .settings import Settings
 
-log = structlog.get_logger("hydrod").bind(actor="supervisor")
+log = structlog.get_logger("hydrod", actor="supervisor")
 
 
 @dataclass
@@ -117,10 +117,19 @@ class SupervisorActor(pykka.ThreadingActor):
                  + len(first), held=spec.address.held)
 
     def _replay_or_dead_letter(self, failure: ActorFailed) -> tuple[Any, ...]:
-        """The failed message goes first to the replacement, unless it keeps failing."""
+        """The failed message goes first to the replacement, unless it keeps failing.
+
+        A batch is split in two at once (replaying is harmless: every write is
+        idempotent), so a poison message is cornered in log2(n) restarts; a single
+        message that fails max_message_failures times is dead-lettered.
+        """
         message = failure.message
         if message is None:
             return ()
+        if isinstance(message, Deliver) and len(message.items) > 1:
+            middle = len(message.items) // 2
+            log.warning("poison_batch_split", failed_actor=failure.name, items=len(message.items))
+            return (Deliver(message.items[:middle]), Deliver(message.items[middle:]))
         key = _identity(failure.name, message)
         _, count = self._message_failures.get(key, (message, 0))
         count += 1
@@ -128,10 +137,6 @@ class SupervisorActor(pykka.ThreadingActor):
             self._message_failures[key] = (message, count)
             return (message,)
         self._message_failures.pop(key, None)
-        if isinstance(message, Deliver) and len(message.items) > 1:
-            middle = len(message.items) // 2
-            log.warning("poison_batch_split", failed_actor=failure.name, items=len(message.items))
-            return (Deliver(message.items[:middle]), Deliver(message.items[middle:]))
         if isinstance(message, Deliver):
             item = message.items[0]
             log.warning("message_rejected", reason=protocol.HANDLER_CRASH, topic=item.topic,

@@ -155,7 +155,7 @@ class SupervisedActor(pykka.ThreadingActor):
     def __init__(self, context: Context):
         super().__init__()
         self.ctx = context
-        self.log = structlog.get_logger("hydrod").bind(actor=context.name)
+        self.log = structlog.get_logger("hydrod", actor=context.name)
         self._current: Any = None
 
     def on_receive(self, message: Any) -> Any:

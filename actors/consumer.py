@@ -21,7 +21,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from .. import store
-from ..protocol import STORE_REFUSED, Routed
+from ..protocol import HANDLER_CRASH, STORE_REFUSED, Routed
 from .base import Backoff, Context, Deliver, Flush, Health, SupervisedActor, Ticker, tell_later
 from .mqtt_io import Settled
 
@@ -165,15 +165,25 @@ class BatchConsumer(SupervisedActor):
             with self.transaction() as cur:
                 refused = self.write(cur, chunk)
                 self._dead_letter(cur, refused)
-        except DATA_ERRORS as exc:
-            if len(chunk) == 1:
-                # The database refuses this one message: keep it as a dead letter.
-                with self.transaction() as cur:
-                    self._dead_letter(cur, [Refusal(chunk[0], STORE_REFUSED, str(exc).strip())])
-            else:
+        except psycopg.OperationalError:
+            raise  # the database is away: keep everything, retry later
+        except Exception as exc:
+            # Something in this chunk is refused by the database (DataError,
+            # IntegrityError) or breaks the code: corner it by halves, keep the
+            # rest, and dead-letter the one message that fails alone.
+            if len(chunk) > 1:
                 middle = len(chunk) // 2
                 self._write_chunk(chunk[:middle])
                 self._write_chunk(chunk[middle:])
+                return
+            if isinstance(exc, DATA_ERRORS):
+                reason, detail = STORE_REFUSED, str(exc).strip()
+            else:
+                self.log.exception("handler_crash", topic=chunk[0].topic)
+                reason, detail = HANDLER_CRASH, repr(exc)
+            with self.transaction() as cur:
+                self._dead_letter(cur, [Refusal(chunk[0], reason, detail)])
+            self.mqtt.tell(Settled((chunk[0].seq,)))
             return
         self.committed()
         self.metrics.batch_seconds.labels(self.ctx.name).observe(time.perf_counter() - started)

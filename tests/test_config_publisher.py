@@ -1,0 +1,131 @@
+"""Config push and binding (SPEC §3), through the HTTP API and the CLI."""
+
+import json
+import subprocess
+import sys
+
+from harness import Subscriber, publish, query, wait_until
+
+HW = "esp32-a1b2c3d4e5f6"
+UID = "nd-ph-a1b2c3d4e5f6"
+TEMP_TOPIC = f"hydro/gh-temp/zn-temp/{HW}/config"
+
+
+def register(daemon, broker, database, hardware_id=HW):
+    daemon.wait_ready()
+    publish(broker.port, [("hydro/node_hello", {"message_type": "node_hello", "hardware_id": hardware_id,
+                                                "node_type": "ph", "fw_version": "1.0.0",
+                                                "capabilities": ["ph"]})])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes WHERE hardware_id = %s", (hardware_id,)),
+               what="node registered")
+
+
+def config_rows(dsn):
+    return query(dsn, "SELECT version, status, topic, config FROM node_configs ORDER BY version")
+
+
+def test_binding_an_unbound_node_goes_through_the_temp_topic_and_completes_on_its_report(
+        make_daemon, broker, database):
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    with Subscriber(broker.port, "hydro/+/+/+/config") as sub:
+        status, body = daemon.http("POST", f"/api/nodes/{UID}/config",
+                                   json={"channels": [{"name": "ph_sensor"}], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+        assert status == 202
+        assert body == {"node_uid": UID, "version": 1, "topic": TEMP_TOPIC, "status": "published"}
+        [sent] = sub.wait_for(1)
+    assert sent.topic == TEMP_TOPIC and sent.qos == 1 and sent.retain is False
+    assert b": " not in sent.payload and b", " not in sent.payload  # compact JSON
+    config = sent.json()
+    assert config["node_id"] == UID and config["type"] == "ph" and config["version"] == 1
+    assert config["mqtt"] == {"configured": True}
+    assert len(config["node_secret"]) == 64 and int(config["node_secret"], 16) >= 0
+    assert (config["gh_uid"], config["zone_uid"]) == ("gh-1", "zn-1")
+    wait_until(lambda: config_rows(database)[0][1] == "published", what="published")
+    assert config_rows(database)[0][3] == config  # exactly as published
+
+    # The node applies it and reports from its new namespace: the bind completes.
+    publish(broker.port, [(f"hydro/gh-1/zn-1/{UID}/config_report", config)])
+    daemon.wait_for("config_applied", node_uid=UID, version=1)
+    daemon.wait_for("node_bound", node_uid=UID, gh_uid="gh-1", zone_uid="zn-1")
+    [(gh, zone, state)] = query(database, "SELECT gh_uid, zone_uid, lifecycle_state FROM nodes")
+    assert (gh, zone, state) == ("gh-1", "zn-1", "ASSIGNED_TO_ZONE")
+    assert config_rows(database)[0][1] == "applied"
+
+    # A bound node gets the next config on its own namespace, with the next version and the same secret.
+    with Subscriber(broker.port, "hydro/+/+/+/config") as sub:
+        status, body = daemon.http("POST", f"/api/nodes/{UID}/config", json={"channels": []})
+        assert status == 202 and body["version"] == 2
+        [second] = sub.wait_for(1)
+    assert second.topic == f"hydro/gh-1/zn-1/{UID}/config"
+    assert second.json()["node_secret"] == config["node_secret"]
+    assert second.json()["gh_uid"] == "gh-1"
+
+
+def test_an_unacknowledged_config_times_out(make_daemon, broker, database):
+    daemon = make_daemon(nodes={"config_ack_timeout_s": 0.5})
+    register(daemon, broker, database)
+    status, _ = daemon.http("POST", f"/api/nodes/{UID}/config",
+                            json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "version": 7})
+    assert status == 202
+    daemon.wait_for("config_timeout", node_uid=UID, version=7)
+    assert config_rows(database)[0][:2] == (7, "timeout")
+    assert query(database, "SELECT gh_uid FROM nodes")[0][0] is None
+
+
+def test_a_push_while_the_broker_is_down_is_queued_and_published_when_it_returns(
+        make_daemon, broker, database):
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    # The node's side: a persistent session, so the broker keeps what is published for it.
+    node = dict(client_id="node-a1b2", clean_start=False, session_expiry=3600)
+    with Subscriber(broker.port, TEMP_TOPIC, **node):
+        pass
+    broker.stop()
+    daemon.wait_for("mqtt_disconnected")
+    status, body = daemon.http("POST", f"/api/nodes/{UID}/config",
+                               json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+    assert status == 202 and body["status"] == "queued"
+    assert config_rows(database)[0][1] == "queued"
+    broker.restart()
+    daemon.wait_for("config_published", node_uid=UID, timeout=20)
+    assert config_rows(database)[0][1] == "published"
+    with Subscriber(broker.port, TEMP_TOPIC, **node) as sub:
+        [delivered] = sub.wait_for(1)
+    assert delivered.json()["version"] == 1 and delivered.json()["gh_uid"] == "gh-1"
+
+
+def test_push_errors_name_what_is_wrong(make_daemon, broker, database):
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    cases = [
+        (b"{not json", 400, "not JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"gh_uid": "gh-1", "zone_uid": "zn-1"}', 400, "channels"),
+        (b'{"channels": "all", "gh_uid": "gh-1", "zone_uid": "zn-1"}', 400, "$.channels"),
+        (b'{"channels": [], "version": "two", "gh_uid": "gh-1", "zone_uid": "zn-1"}', 400, "$.version"),
+        (b'{"channels": [], "node_id": "someone-else", "gh_uid": "gh-1", "zone_uid": "zn-1"}', 400, "node_id"),
+        (b'{"channels": [], "gh_uid": "gh-1"}', 400, "go together"),
+        (b'{"channels": []}', 409, "not bound"),
+    ]
+    for body, want_status, want_text in cases:
+        status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", body=body)
+        assert status == want_status, (body, answer)
+        assert want_text in answer["error"], (body, answer)
+    status, answer = daemon.http("POST", "/api/nodes/nd-ph-nobody/config", json={"channels": []})
+    assert status == 404 and "nd-ph-nobody" in answer["error"]
+    assert config_rows(database) == []
+
+
+def test_push_config_on_the_command_line_goes_through_the_daemon(make_daemon, broker, database, tmp_path):
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    body = tmp_path / "config.json"
+    body.write_text(json.dumps({"channels": [], "gh_uid": "gh-2", "zone_uid": "zn-9"}))
+    result = subprocess.run([sys.executable, "-m", "hydrod", "push-config", UID, str(body),
+                             "--config", str(daemon.config_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["topic"] == TEMP_TOPIC
+    refused = subprocess.run([sys.executable, "-m", "hydrod", "push-config", "nd-nobody", str(body),
+                              "--config", str(daemon.config_path)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "404" in refused.stderr

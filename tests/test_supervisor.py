@@ -1,0 +1,173 @@
+"""The supervisor: restarts that lose nothing, poison messages, the restart budget, SIGTERM."""
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from harness import fast_config, free_port, merge_sections, publish, query, to_toml, wait_until
+from hydrod import logs, settings
+from hydrod.actors.base import Deliver
+from hydrod.supervisor import Daemon
+
+HELLO = {"message_type": "node_hello", "hardware_id": "esp32-a1b2c3d4e5f6", "node_type": "ph",
+         "fw_version": "1.0.0", "capabilities": ["ph"]}
+UID = "nd-ph-a1b2c3d4e5f6"
+
+
+class LogLines(io.TextIOBase):
+    """A stream for logs.configure that keeps each JSON line, parsed."""
+
+    def __init__(self):
+        self.records, self._cond = [], threading.Condition()
+
+    def write(self, text):
+        for line in text.splitlines():
+            if line.strip():
+                with self._cond:
+                    self.records.append(json.loads(line))
+                    self._cond.notify_all()
+        return len(text)
+
+    def events(self, name, **fields):
+        with self._cond:
+            return [r for r in self.records if r.get("event") == name
+                    and all(r.get(k) == v for k, v in fields.items())]
+
+    def wait_for(self, name, timeout=15, **fields):
+        return wait_until(lambda: (self.events(name, **fields) or [None])[0], timeout=timeout,
+                          what=f"log event {name} {fields}")
+
+
+@pytest.fixture
+def in_process(broker, database):
+    """run(fault_hook, **sections) -> (Daemon, LogLines): hydrod inside the test process."""
+    started = []
+
+    def run(fault_hook=None, **sections):
+        lines = LogLines()
+        logs.configure("info", "json", stream=lines)
+        config = merge_sections(fast_config(broker.port, database, free_port()), sections)
+        daemon = Daemon(settings.from_dict(config, environ={}), fault_hook=fault_hook)
+        started.append(daemon)
+        daemon.start()
+        lines.wait_for("mqtt_subscribed")
+        return daemon, lines
+
+    yield run
+    for daemon in started:
+        daemon.shutdown()
+
+
+def samples(n, uid=UID, channel="ph_sensor", start=1_764_000_000):
+    return [(f"hydro/gh-1/zn-1/{uid}/{channel}/telemetry",
+             {"metric_type": "PH", "value": 5.5 + i / 1000, "ts": start + i}) for i in range(n)]
+
+
+def test_a_failed_actor_is_restarted_and_everything_queued_for_it_is_processed(in_process, broker, database):
+    published, armed = threading.Event(), threading.Event()
+
+    def fail_once(actor, message):
+        # The writer dies on a batch while more batches queue up behind it.
+        if actor == "db_writer" and isinstance(message, Deliver) and armed.is_set():
+            armed.clear()
+            published.wait(20)
+            raise RuntimeError("injected fault")
+
+    daemon, lines = in_process(fault_hook=fail_once)
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    armed.set()
+    publish(broker.port, samples(500))
+    published.set()
+    failed = lines.wait_for("actor_failed", failed_actor="db_writer")
+    lines.wait_for("actor_restarted", restarted_actor="db_writer")
+    wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 500,
+               what="500 samples")
+    assert "injected fault" in failed["error"]
+    assert failed["queued"] >= 1  # messages were waiting in the dead actor's mailbox
+    assert daemon.metrics.restarts.labels("db_writer")._value.get() == 1
+    # Every message was acknowledged once committed: nothing is left pending in the ledger.
+    wait_until(lambda: daemon.metrics.acked._value.get() >= 501, what="all acknowledged")
+
+
+def test_a_message_that_keeps_crashing_its_actor_is_dead_lettered(in_process, broker, database):
+    def poison(actor, message):
+        if actor == "node_registry" and isinstance(message, Deliver) and any(
+                b"poison" in item.payload for item in message.items):
+            raise ValueError("cannot digest this")
+
+    daemon, lines = in_process(fault_hook=poison)
+    poisoned = dict(HELLO, hardware_id="esp32-poison")
+    publish(broker.port, [("hydro/node_hello", poisoned), ("hydro/node_hello", HELLO)])
+    lines.wait_for("message_rejected", reason="handler_crash")
+    wait_until(lambda: query(database, "SELECT reason, payload FROM dead_letters"), what="dead letter")
+    [(reason, payload)] = query(database, "SELECT reason, payload FROM dead_letters")
+    assert reason == "handler_crash" and b"esp32-poison" in payload
+    wait_until(lambda: query(database, "SELECT hardware_id FROM nodes"), what="the good node")
+    assert query(database, "SELECT hardware_id FROM nodes") == [("esp32-a1b2c3d4e5f6",)]
+    assert not lines.events("supervisor_gave_up")
+    # The daemon goes on: a later hello registers.
+    publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id="esp32-000000000002"))])
+    wait_until(lambda: len(query(database, "SELECT 1 FROM nodes")) == 2, what="second node")
+
+
+FAULTY = textwrap.dedent("""
+    import sys
+    from hydrod import cli
+
+    def always(actor, message):
+        if actor == "node_registry" and type(message).__name__ == "Deliver":
+            raise RuntimeError("registry always fails")
+
+    sys.exit(cli.main(["--config", sys.argv[1], "run"], fault_hook=always))
+""")
+
+
+def test_an_exhausted_restart_budget_stops_everything_with_a_non_zero_exit(broker, database, tmp_path):
+    config = merge_sections(fast_config(broker.port, database, free_port()),
+                            {"supervisor": {"max_restarts": 2, "max_message_failures": 100}})
+    (tmp_path / "config.toml").write_text(to_toml(config))
+    daemon = subprocess.Popen([sys.executable, "-c", FAULTY, str(tmp_path / "config.toml")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait until it listens, then give the registry something to fail on, again and again.
+        wait_until(lambda: query(database, "SELECT 1 FROM information_schema.tables WHERE table_name='nodes'"),
+                   what="migrated")
+        for i in range(6):
+            publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id=f"esp32-{i:012x}"))])
+            if daemon.poll() is not None:
+                break
+        out, err = daemon.communicate(timeout=30)
+    finally:
+        daemon.kill()
+    assert daemon.returncode == 5
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    events = [r["event"] for r in records]
+    assert "supervisor_gave_up" in events
+    assert events.count("actor_restarted") == 2
+    assert events[-2:] == ["daemon_stopped", "daemon_failed"]
+    assert "node_registry failed 3 times" in err
+
+
+def test_sigterm_drains_what_was_received_and_exits_0(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    publish(broker.port, samples(3000))
+    assert daemon.terminate(timeout=20) == 0
+    stopped = daemon.events("daemon_stopped")
+    assert stopped and stopped[0]["failure"] is None
+    stored = query(database, "SELECT count(*) FROM telemetry_samples")[0][0]
+    # What was not received yet stays in the broker for the next start: nothing lost, nothing twice.
+    again = make_daemon(mqtt={"client_id": daemon.config["mqtt"]["client_id"]})
+    again.wait_ready()
+    wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 3000,
+               what="3000 samples")
+    assert stored > 0
+    assert again.terminate() == 0
