@@ -1,0 +1,543 @@
+"""hydrod benchmark: one command, one JSON line per scenario on stdout.
+
+    .venv/bin/python bench/run.py                      # every scenario, default sizes
+    .venv/bin/python bench/run.py --messages 10000 --live-seconds 5 drain live
+
+Each scenario starts its own Mosquitto (free port, persistence on, private
+directory) and its own database on the local PostgreSQL, runs hydrod as a
+subprocess with a config derived from the checkout's config.toml, and tears
+everything down afterwards. Progress goes to stderr; results go to stdout and
+to bench/results/<utc time>.jsonl. See bench/README.md for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from harness import Daemon, Mosquitto, PgServer, free_port  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TELEMETRY_FILTER = "hydro/+/+/+/+/telemetry"
+GH, ZONE, CHANNEL = "gh-1", "zn-1", "ph"
+MB = 1024 * 1024
+
+TARGETS = {
+    "drain": "rate_per_s >= 10000 and ratio >= 0.2 and peak_rss_mb <= 150",
+    "live": "p99_ms <= 100 at 1000 msg/s, lost == 0, peak_rss_mb <= 150",
+    "startup": "none set",
+    "hello_burst": "peak_rss_mb <= 150",
+}
+
+
+def say(*parts: Any) -> None:
+    print("[bench]", *parts, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------- environment --
+
+class Bench:
+    """One scenario's private broker, database and scratch directory."""
+
+    def __init__(self, pg: PgServer, name: str, keep: bool = False) -> None:
+        self.pg = pg
+        self.name = name
+        self.keep = keep
+        self.dir = Path(tempfile.mkdtemp(prefix=f"hydrod-bench-{name}-"))
+        # autosave 60 s as in deploy/mosquitto.conf: a 1 s autosave would rewrite a
+        # 100k-message store every second and bill the broker's CPU to the drain.
+        self.broker = Mosquitto(self.dir / "broker", autosave_interval=60)
+        self.db = f"hydrod_bench_{name}_{secrets.token_hex(4)}"
+        self.dsn = pg.dsn(self.db)
+        self._daemons: list[Daemon] = []
+
+    def __enter__(self) -> Bench:
+        with psycopg.connect(self.pg.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.db}"')
+        self.broker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for daemon in self._daemons:
+            daemon.cleanup()
+        self.broker.stop()
+        with psycopg.connect(self.pg.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+        if self.keep:
+            say(f"kept {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def daemon(self, tag: str = "hydrod", client_id: str | None = None) -> Daemon:
+        """hydrod with config.toml's keys, pointed at this broker and database."""
+        sections = tomllib.loads((ROOT / "config.toml").read_text())
+        sections["mqtt"].update(host="127.0.0.1", port=self.broker.port,
+                                client_id=client_id or f"hydrod-bench-{secrets.token_hex(4)}")
+        sections["database"]["dsn"] = self.dsn
+        sections["http"].update(host="127.0.0.1", port=free_port())
+        sections["logging"].update(level="info", format="json")
+        daemon = Daemon(self.dir / tag, self.broker.port, self.dsn, sections=sections)
+        self._daemons.append(daemon)
+        return daemon
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmHWM / VmRSS in kB and CPU seconds (user+system) of a live process."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0])
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    out["cpu_s"] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return out
+
+
+def poll(predicate, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def percentiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [float("nan")] * 99
+    return statistics.quantiles(values, n=100, method="inclusive")
+
+
+def count(conn: psycopg.Connection, table: str) -> int:
+    return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+# ---------------------------------------------------------------------- payloads --
+
+def hello(hardware_id: str, node_type: str = "ph") -> bytes:
+    return json.dumps({"message_type": "node_hello", "hardware_id": hardware_id,
+                       "node_type": node_type, "fw_version": "1.0.0",
+                       "capabilities": ["ph", "temperature"]}, separators=(",", ":")).encode()
+
+
+def telemetry(value: float, ts: float, raw: int) -> bytes:
+    """Firmware shape (shared/fixtures/firmware.jsonl)."""
+    return (b'{"metric_type":"PH","value":%.2f,"ts":%s,"unit":"pH","raw":%d,"stable":false}'
+            % (value, repr(ts).encode(), raw))
+
+
+def telemetry_topic(uid: str) -> str:
+    return f"hydro/{GH}/{ZONE}/{uid}/{CHANNEL}/telemetry"
+
+
+# ------------------------------------------------------------------------ publisher --
+
+class Publisher:
+    """A paho QoS 1 publisher that counts PUBACKs (up to 1000 in flight)."""
+
+    def __init__(self, port: int, inflight: int = 1000) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"bench-pub-{secrets.token_hex(4)}", protocol=mqtt.MQTTv311)
+        self.client.max_inflight_messages_set(inflight)
+        self.client.max_queued_messages_set(0)
+        self.sent = 0
+        self.acked = 0
+        self._cond = threading.Condition()
+        self.client.on_publish = self._on_publish
+        connected = threading.Event()
+        self.client.on_connect = lambda *_: connected.set()
+        self.client.connect("127.0.0.1", port, keepalive=60)
+        self.client.loop_start()
+        if not connected.wait(10):
+            raise RuntimeError("publisher: no CONNACK")
+
+    def _on_publish(self, *_: Any) -> None:
+        with self._cond:
+            self.acked += 1
+            if self.acked >= self.sent:
+                self._cond.notify_all()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        with self._cond:
+            self.sent += 1
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise RuntimeError(f"publish failed: {mqtt.error_string(info.rc)}")
+
+    def wait_acked(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.acked < self.sent:
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    if self.acked < self.sent:
+                        raise TimeoutError(f"{self.sent - self.acked} of {self.sent} PUBACKs missing")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def register_nodes(bench: Bench, conn: psycopg.Connection, n: int, prefix: str = "b") -> list[str]:
+    """Publish n node_hello (ph nodes) to a running hydrod; return their uids."""
+    pub = Publisher(bench.broker.port)
+    hardware_ids = [f"esp32-{prefix}{i:011x}" for i in range(n)]
+    for hw in hardware_ids:
+        pub.publish("hydro/node_hello", hello(hw))
+    pub.wait_acked(30)
+    pub.close()
+    poll(lambda: count(conn, "nodes") >= n, 60, f"{n} nodes registered")
+    rows = conn.execute("SELECT uid FROM nodes WHERE hardware_id = ANY(%s) ORDER BY hardware_id",
+                        (hardware_ids,)).fetchall()
+    return [r[0] for r in rows]
+
+
+# ----------------------------------------------------------------------- scenarios --
+
+def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
+    n, nodes = args.messages, args.nodes
+    with Bench(pg, "drain", args.keep) as bench, bench.connect() as conn:
+        client_id = f"hydrod-bench-{secrets.token_hex(4)}"
+        daemon = bench.daemon("hydrod-1", client_id)
+        daemon.start()
+        daemon.wait_ready(60)
+        uids = register_nodes(bench, conn, nodes)
+        rc = daemon.terminate()
+        if rc != 0:
+            raise RuntimeError(f"hydrod exited {rc} on SIGTERM:\n{daemon.tail()}")
+        say(f"drain: {nodes} nodes registered; hydrod stopped, its session stays in the broker")
+
+        # The reference's persistent session, created before publishing: the broker
+        # queues the same messages for both.
+        ref_id = f"bench-ref-{secrets.token_hex(4)}"
+        ref_argv = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(bench.broker.port), "-V", "mqttv5",
+                    "-c", "-i", ref_id, "-x", "604800", "-q", "1", "-t", TELEMETRY_FILTER,
+                    "-D", "connect", "receive-maximum", str(20000)]
+        subprocess.run([*ref_argv, "-E"], check=True, timeout=30)
+
+        per_node = -(-n // nodes)
+        base = int(time.time()) - per_node - 600  # every ts in the past, distinct per node
+        say(f"drain: publishing {n} telemetry messages at QoS 1 ...")
+        started = time.perf_counter()
+        pub = Publisher(bench.broker.port)
+        for i in range(n):
+            node, k = i % nodes, i // nodes
+            pub.publish(telemetry_topic(uids[node]), telemetry(5.0 + (i % 300) / 100, base + k, 1000 + i % 1000))
+        pub.wait_acked(600)
+        pub.close()
+        say(f"drain: broker holds {n} messages for each session "
+            f"(published at {n / (time.perf_counter() - started):.0f} msg/s)")
+
+        # hydrod drains its queue.
+        daemon = bench.daemon("hydrod-2", client_id)
+        t0 = time.monotonic()
+        daemon.start()
+        first_row = None
+        rss_peak = 0
+        last = 0
+        deadline = time.monotonic() + max(120.0, n / 500)
+        while True:
+            stored = count(conn, "telemetry_samples")
+            if stored and first_row is None:
+                first_row = time.monotonic() - t0
+            if stored >= n:
+                break
+            if not daemon.running:
+                raise RuntimeError(f"hydrod exited during the drain:\n{daemon.tail()}")
+            if time.monotonic() > deadline:
+                break
+            rss_peak = max(rss_peak, proc_status(daemon.pid)["VmRSS"])
+            if stored - last >= n // 10:
+                say(f"drain: {stored} rows after {time.monotonic() - t0:.1f}s")
+                last = stored
+            time.sleep(0.05)
+        seconds = time.monotonic() - t0
+        status = proc_status(daemon.pid)
+        stored = count(conn, "telemetry_samples")
+        dead = count(conn, "dead_letters")
+        rc = daemon.terminate()
+
+        # Reference: mosquitto_sub | psql COPY over the same queued messages.
+        conn.execute("CREATE TABLE ref_raw (payload jsonb)")
+        say("drain: reference mosquitto_sub | psql COPY ...")
+        r0 = time.monotonic()
+        sub = subprocess.Popen([*ref_argv, "-F", "%p", "-C", str(n)], stdout=subprocess.PIPE)
+        psql = subprocess.Popen(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", bench.dsn, "-c",
+             r"COPY ref_raw (payload) FROM STDIN (FORMAT csv, QUOTE e'\x01', DELIMITER e'\x02')"],
+            stdin=sub.stdout, stdout=subprocess.DEVNULL)
+        sub.stdout.close()
+        psql_rc = psql.wait(600)
+        ref_seconds = time.monotonic() - r0
+        sub.wait(30)
+        ref_rows = count(conn, "ref_raw")
+        if psql_rc != 0 or ref_rows != n:
+            raise RuntimeError(f"reference failed: psql exited {psql_rc}, {ref_rows} of {n} rows")
+
+        rate = n / seconds if stored >= n else stored / seconds
+        ref_rate = n / ref_seconds
+        result = {
+            "scenario": "drain", "messages": n, "nodes": nodes,
+            "seconds": round(seconds, 3), "rate_per_s": round(rate),
+            "reference_rate_per_s": round(ref_rate), "reference_seconds": round(ref_seconds, 3),
+            "ratio": round(rate / ref_rate, 3),
+            "p50_ms": None, "p99_ms": None,
+            "peak_rss_mb": round(max(status["VmHWM"], rss_peak) / 1024, 1),
+            "lost": n - stored, "dead_letters": dead, "stored": stored,
+            # start-up excluded: from the first committed row seen (50 ms polls) to the last
+            "first_row_s": None if first_row is None else round(first_row, 3),
+            "rate_after_first_row_per_s": (round(stored / (seconds - first_row))
+                                           if first_row is not None and seconds > first_row else None),
+            "daemon_cpu_s": round(status["cpu_s"], 2), "exit_code": rc,
+            "target": TARGETS["drain"],
+            "target_met": bool(rate >= 10000 and rate / ref_rate >= 0.2
+                               and status["VmHWM"] / 1024 <= 150 and stored == n),
+        }
+        return result
+
+
+def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | None) -> dict[str, Any]:
+    rate, duration, nodes = args.live_rate, args.live_seconds, args.nodes
+    total = int(rate * duration)
+    with Bench(pg, "live", args.keep) as bench, bench.connect() as conn:
+        daemon = bench.daemon()
+        daemon.start()
+        daemon.wait_ready(60)
+        uids = register_nodes(bench, conn, nodes)
+
+        # ts of message i is t0 + i ms: unique, and the key that finds its publish time.
+        t0 = int(time.time()) - 120
+        published = [0.0] * total
+        visible: dict[int, float] = {}
+        received: dict[int, float] = {}  # hydrod's own received_at stamp (paho's on_message)
+        stop = threading.Event()
+
+        def poller() -> None:
+            # A row committed before this statement's snapshot was taken is visible to
+            # it: commit time <= `asked`, and > the previous `asked` (it was not seen then).
+            with bench.connect() as pconn:
+                last_id = 0
+                cur = pconn.cursor()
+                while not stop.is_set():
+                    asked = time.time()
+                    cur.execute("SELECT id, round((extract(epoch FROM ts) - %s) * 1000)::bigint,"
+                                " extract(epoch FROM received_at)::float8"
+                                " FROM telemetry_samples WHERE id > %s ORDER BY id", (t0, last_id))
+                    for row_id, key, received_at in cur.fetchall():
+                        visible.setdefault(key, asked)
+                        received[key] = received_at
+                        last_id = row_id
+                    time.sleep(args.poll_ms / 1000)
+
+        watcher = threading.Thread(target=poller, daemon=True)
+        watcher.start()
+        pub = Publisher(bench.broker.port)
+        say(f"live: {rate} msg/s for {duration}s ({total} messages) ...")
+        start = time.perf_counter() + 0.05
+        wall_start = time.time() + 0.05
+        for i in range(total):
+            due = start + i / rate
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            published[i] = time.time()
+            pub.publish(telemetry_topic(uids[i % nodes]), telemetry(6.0 + (i % 200) / 100, t0 + i / 1000, i % 4096))
+        achieved = total / (published[-1] - published[0]) if total > 1 else float(total)
+        pub.wait_acked(60)
+        pub.close()
+        try:
+            poll(lambda: len(visible) >= total, 60, "every live message visible", 0.05)
+        except TimeoutError:
+            pass
+        stop.set()
+        watcher.join(5)
+        status = proc_status(daemon.pid)
+        stored = count(conn, "telemetry_samples")
+        dead = count(conn, "dead_letters")
+        daemon.terminate()
+
+        seen = [i for i in range(total) if i in visible]
+        lat = sorted((visible[i] - published[i]) * 1000 for i in seen)
+        q = percentiles(lat)
+        # The two legs, split at hydrod's received_at: publisher -> broker -> hydrod's
+        # paho thread, and hydrod's queueing + batching + commit.
+        q_in = percentiles(sorted((received[i] - published[i]) * 1000 for i in seen))
+        q_store = percentiles(sorted((visible[i] - received[i]) * 1000 for i in seen))
+        if os.environ.get("BENCH_DUMP_LIVE"):
+            with open(os.environ["BENCH_DUMP_LIVE"], "w") as f:
+                f.write("i,published,received_at,visible\n")
+                for i in seen:
+                    f.write(f"{i},{published[i]:.6f},{received[i]:.6f},{visible[i]:.6f}\n")
+        result = {
+            "scenario": "live", "messages": total, "nodes": nodes,
+            "seconds": round(published[-1] - wall_start, 3), "rate_per_s": round(achieved, 1),
+            "target_rate_per_s": rate,
+            "reference_rate_per_s": None if reference is None else round(reference),
+            "reference_note": "no latency reference; this is the drain reference's throughput "
+                              "(mosquitto_sub | psql COPY)" if reference else
+                              "no latency reference; run drain in the same invocation for its throughput",
+            "ratio": None,
+            "p50_ms": round(q[49], 1), "p90_ms": round(q[89], 1), "p99_ms": round(q[98], 1),
+            "max_ms": round(lat[-1], 1) if lat else None,
+            "receive_leg_p50_ms": round(q_in[49], 1), "receive_leg_p99_ms": round(q_in[98], 1),
+            "store_leg_p50_ms": round(q_store[49], 1), "store_leg_p99_ms": round(q_store[98], 1),
+            "latency_resolution_ms": args.poll_ms,
+            "peak_rss_mb": round(status["VmHWM"] / 1024, 1),
+            "lost": total - stored, "dead_letters": dead, "unattributed": total - len(lat),
+            "daemon_cpu_s": round(status["cpu_s"], 2),
+            "target": TARGETS["live"],
+            "target_met": bool(lat and q[98] <= 100 and stored == total and status["VmHWM"] / 1024 <= 150
+                               and achieved >= 0.95 * rate),
+        }
+        return result
+
+
+def scenario_startup(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
+    runs = []
+    with Bench(pg, "startup", args.keep) as bench:
+        client_id = f"hydrod-bench-{secrets.token_hex(4)}"
+        for run in range(args.startup_runs):
+            daemon = bench.daemon(f"hydrod-{run}", client_id)
+            t0 = time.monotonic()
+            daemon.start()
+            daemon.wait_ready(60)
+            runs.append(time.monotonic() - t0)
+            rss = proc_status(daemon.pid)["VmHWM"]
+            daemon.terminate()
+            say(f"startup: run {run + 1}: {runs[-1]:.3f}s" + (" (applied migrations)" if run == 0 else ""))
+    return {
+        "scenario": "startup", "messages": 0, "seconds": round(statistics.median(runs), 3),
+        "rate_per_s": None, "reference_rate_per_s": None, "ratio": None,
+        "p50_ms": None, "p99_ms": None,
+        "runs_s": [round(r, 3) for r in runs], "first_run_note": "the first run applies the migrations",
+        "peak_rss_mb": round(rss / 1024, 1), "lost": None,
+        "target": TARGETS["startup"], "target_met": None,
+    }
+
+
+def scenario_hello_burst(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
+    n = args.hellos
+    with Bench(pg, "hello", args.keep) as bench, bench.connect() as conn:
+        daemon = bench.daemon()
+        daemon.start()
+        daemon.wait_ready(60)
+        seed = secrets.randbits(40) << 4
+        payloads = [hello(f"esp32-{(seed + i) % (1 << 48):012x}") for i in range(n)]
+        pub = Publisher(bench.broker.port)
+        say(f"hello_burst: {n} node_hello ...")
+        t0 = time.monotonic()
+        for payload in payloads:
+            pub.publish("hydro/node_hello", payload)
+        published_s = time.monotonic() - t0
+        deadline = time.monotonic() + max(120.0, n / 20)
+        while (stored := count(conn, "nodes")) < n and time.monotonic() < deadline and daemon.running:
+            time.sleep(0.05)
+        seconds = time.monotonic() - t0
+        pub.wait_acked(60)
+        pub.close()
+        status = proc_status(daemon.pid)
+        dead = count(conn, "dead_letters")
+        daemon.terminate()
+    return {
+        "scenario": "hello_burst", "messages": n, "seconds": round(seconds, 3),
+        "rate_per_s": round(stored / seconds, 1), "reference_rate_per_s": None, "ratio": None,
+        "p50_ms": None, "p99_ms": None, "publish_calls_s": round(published_s, 3),
+        "peak_rss_mb": round(status["VmHWM"] / 1024, 1), "lost": n - stored, "dead_letters": dead,
+        "daemon_cpu_s": round(status["cpu_s"], 2),
+        "target": TARGETS["hello_burst"],
+        "target_met": bool(status["VmHWM"] / 1024 <= 150 and stored == n),
+    }
+
+
+# ----------------------------------------------------------------------------- main --
+
+SCENARIOS = ("drain", "live", "startup", "hello_burst")
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenarios", nargs="*", metavar="scenario",
+                        help=f"which to run (default: all of {', '.join(SCENARIOS)})")
+    parser.add_argument("--messages", type=int, default=int(env("BENCH_MESSAGES", 100_000)),
+                        help="drain: telemetry messages queued while hydrod is down (100000)")
+    parser.add_argument("--nodes", type=int, default=int(env("BENCH_NODES", 50)), help="nodes (50)")
+    parser.add_argument("--live-seconds", type=float, default=float(env("BENCH_LIVE_SECONDS", 20)),
+                        help="live: duration (20)")
+    parser.add_argument("--live-rate", type=int, default=int(env("BENCH_LIVE_RATE", 1000)),
+                        help="live: messages per second (1000)")
+    parser.add_argument("--poll-ms", type=float, default=5.0, help="live: visibility poll interval (5)")
+    parser.add_argument("--hellos", type=int, default=int(env("BENCH_HELLOS", 5000)),
+                        help="hello_burst: node_hello messages (5000)")
+    parser.add_argument("--startup-runs", type=int, default=5, help="startup: runs (5)")
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.jsonl")
+    parser.add_argument("--keep", action="store_true", help="keep scratch directories (logs)")
+    args = parser.parse_args(argv)
+    chosen = args.scenarios or list(SCENARIOS)
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+
+    pg = PgServer.find_or_start()
+    say(f"PostgreSQL {pg.host}:{pg.port}, {os.cpu_count()} CPUs")
+    out_path = None
+    if not args.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        out_path = RESULTS / time.strftime("%Y%m%dT%H%M%SZ.jsonl", time.gmtime())
+    reference = None
+    failed = 0
+    try:
+        for name in chosen:
+            try:
+                if name == "drain":
+                    result = scenario_drain(pg, args)
+                    reference = result["reference_rate_per_s"]
+                elif name == "live":
+                    result = scenario_live(pg, args, reference)
+                elif name == "startup":
+                    result = scenario_startup(pg, args)
+                else:
+                    result = scenario_hello_burst(pg, args)
+            except Exception as exc:  # one scenario failing does not hide the others
+                failed += 1
+                result = {"scenario": name, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+            result["host"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+            line = json.dumps(result)
+            print(line, flush=True)
+            if out_path is not None:
+                with open(out_path, "a") as f:
+                    f.write(line + "\n")
+    finally:
+        pg.stop_private()
+    if out_path is not None:
+        say(f"saved {out_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
