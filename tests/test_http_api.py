@@ -1,0 +1,69 @@
+"""The HTTP API (SPEC §6): nodes, health, metrics and the bearer token."""
+
+from harness import publish, query, wait_until
+
+HELLO = {"message_type": "node_hello", "hardware_id": "esp32-a1b2c3d4e5f6", "node_type": "ph",
+         "fw_version": "1.0.0", "capabilities": ["ph"]}
+UID = "nd-ph-a1b2c3d4e5f6"
+
+
+def test_nodes_are_listed_and_shown_as_json(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    status, nodes = daemon.http("GET", "/api/nodes")
+    assert status == 200 and [n["uid"] for n in nodes] == [UID]
+    status, node = daemon.http("GET", f"/api/nodes/{UID}")
+    assert status == 200
+    assert (node["hardware_id"], node["type"], node["status"]) == ("esp32-a1b2c3d4e5f6", "ph", "online")
+    assert node["capabilities"] == ["ph"] and node["last_seen_at"].startswith("20")
+    assert "node_secret" not in node
+    status, missing = daemon.http("GET", "/api/nodes/nd-nobody")
+    assert status == 404 and "nd-nobody" in missing["error"]
+
+
+def test_the_api_needs_the_bearer_token_when_one_is_set(make_daemon, broker, database):
+    daemon = make_daemon(http={"token": "s3cret-token"})
+    daemon.wait_ready()
+    assert daemon.http("GET", "/api/nodes")[0] == 401
+    assert daemon.http("GET", "/api/nodes", token="wrong")[0] == 401
+    assert daemon.http("POST", f"/api/nodes/{UID}/config", json={"channels": []})[0] == 401
+    assert daemon.http("GET", "/api/nodes", token="s3cret-token") == (200, [])
+    # Probes stay open.
+    assert daemon.http("GET", "/healthz")[0] == 200
+    assert not any("s3cret-token" in str(line) for line in daemon.lines)
+
+
+def test_the_token_can_come_from_the_environment(make_daemon):
+    daemon = make_daemon(env={"HYDROD_HTTP_TOKEN": "from-env"})
+    daemon.wait_ready()
+    assert daemon.http("GET", "/api/nodes")[0] == 401
+    assert daemon.http("GET", "/api/nodes", token="from-env")[0] == 200
+
+
+def test_healthz_names_the_failing_part(make_daemon, broker):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    status, body = daemon.http("GET", "/healthz")
+    assert status == 200 and body["failing"] == []
+    assert set(body["checks"]) == {"db_writer", "node_registry", "config_publisher", "http_api", "mqtt_io"}
+    broker.stop()
+    daemon.wait_for("mqtt_disconnected")
+    status, body = daemon.http("GET", "/healthz")
+    assert status == 503 and body["failing"] == ["mqtt"]
+    broker.restart()
+    daemon.wait_for("mqtt_subscribed", since=0, timeout=20)
+    wait_until(lambda: daemon.http("GET", "/healthz")[0] == 200, what="healthy again")
+
+
+def test_metrics_are_prometheus_text(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    publish(broker.port, [("hydro/node_hello", HELLO), ("hydro/gh-1/zn-1/x/heartbeat", b"not json")])
+    wait_until(lambda: query(database, "SELECT 1 FROM dead_letters"), what="dead letter")
+    status, text = daemon.http("GET", "/metrics")
+    assert status == 200
+    assert 'hydrod_messages_received_total{kind="node_hello"} 1.0' in text
+    assert 'hydrod_messages_rejected_total{reason="bad_json"} 1.0' in text
+    assert "# TYPE hydrod_batch_seconds histogram" in text
