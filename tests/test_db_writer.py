@@ -221,6 +221,21 @@ def test_each_class_of_bad_input_is_dead_lettered_with_its_reason_and_logged_and
     assert hydrod.events("actor_failed") == []
 
 
+def test_a_sample_postgresql_refuses_is_dead_lettered_as_store_refused_and_its_batch_mates_are_stored(
+        hydrod, broker, database):
+    # Valid JSON hydrod accepts (an unknown key is metadata), but jsonb cannot hold 1e999999.
+    refused = b'{"metric_type":"PH","value":6.0,"ts":1710000000,"note":1e999999}'
+    topic = telemetry_topic(PH_UID, "refused")
+    register_node(broker.port, database, PH_HW)
+    publish(broker.port, [(telemetry_topic(PH_UID, "good"), sample(ts=1710000000 + i)) for i in range(20)]
+            + [(topic, refused)]
+            + [(telemetry_topic(PH_UID, "good"), sample(ts=1710000100 + i)) for i in range(20)])
+    wait_until(rows_once(1, database, "SELECT id FROM dead_letters"), 10, "the refused sample")
+    wait_until(lambda: len(samples_on(database, "good")) == 40, 10, "the other 40 samples")
+    assert dead_letters(database) == [(topic, "store_refused", refused)]
+    hydrod.wait_for("message_rejected", reason="store_refused", topic=topic)
+
+
 # --- liveness and events -------------------------------------------------------------
 
 
