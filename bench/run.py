@@ -117,6 +117,20 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user+system) per native thread id of a live process."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
 def poll(predicate, timeout: float, what: str, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -126,6 +140,23 @@ def poll(predicate, timeout: float, what: str, interval: float = 0.05) -> Any:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def batch_stats(daemon: Daemon) -> dict[str, Any]:
+    """hydrod's own hydrod_batch_seconds histogram (GET /metrics), per actor."""
+    try:
+        status, text = daemon.http("GET", "/metrics", timeout=5)
+    except OSError:
+        return {}
+    out: dict[str, Any] = {}
+    for line in str(text).splitlines():
+        for suffix in ("_sum", "_count"):
+            if line.startswith("hydrod_batch_seconds" + suffix + "{"):
+                actor = line.split('actor="', 1)[1].split('"', 1)[0]
+                out.setdefault(actor, {})[suffix[1:]] = float(line.rsplit(" ", 1)[1])
+    return {actor: {"batches": int(v.get("count", 0)), "busy_s": round(v.get("sum", 0.0), 3),
+                    "mean_ms": round(1000 * v["sum"] / v["count"], 1) if v.get("count") else None}
+            for actor, v in out.items()}
 
 
 def percentiles(values: list[float]) -> list[float]:
@@ -159,9 +190,11 @@ def telemetry_topic(uid: str) -> str:
 # ------------------------------------------------------------------------ publisher --
 
 class Publisher:
-    """A paho QoS 1 publisher that counts PUBACKs (up to 1000 in flight)."""
+    """A paho QoS 1 publisher that counts PUBACKs: up to `inflight` on the wire and
+    at most `window` unacknowledged in all (paho's packet ids are 16-bit)."""
 
-    def __init__(self, port: int, inflight: int = 1000) -> None:
+    def __init__(self, port: int, inflight: int = 1000, window: int = 20000) -> None:
+        self.window = window
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"bench-pub-{secrets.token_hex(4)}", protocol=mqtt.MQTTv311)
         self.client.max_inflight_messages_set(inflight)
@@ -180,11 +213,14 @@ class Publisher:
     def _on_publish(self, *_: Any) -> None:
         with self._cond:
             self.acked += 1
-            if self.acked >= self.sent:
+            if self.acked >= self.sent or self.sent - self.acked == self.window - 1:
                 self._cond.notify_all()
 
     def publish(self, topic: str, payload: bytes) -> None:
         with self._cond:
+            while self.sent - self.acked >= self.window:
+                if not self._cond.wait(30):
+                    raise TimeoutError(f"publisher: {self.sent - self.acked} PUBACKs outstanding for 30 s")
             self.sent += 1
         info = self.client.publish(topic, payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
@@ -215,6 +251,60 @@ def register_nodes(bench: Bench, conn: psycopg.Connection, n: int, prefix: str =
     rows = conn.execute("SELECT uid FROM nodes WHERE hardware_id = ANY(%s) ORDER BY hardware_id",
                         (hardware_ids,)).fetchall()
     return [r[0] for r in rows]
+
+
+# ------------------------------------------------------------------------- profiler --
+
+def start_profiler(daemon: Daemon, path: Path) -> tuple[subprocess.Popen, Path]:
+    """py-spy on a freshly started hydrod (attached once it logs its first line)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    poll(lambda: daemon.lines or not daemon.running, 30, "hydrod's first log line", 0.005)
+    proc = subprocess.Popen([spy, "record", "--pid", str(daemon.pid), "--format", "raw", "--function",
+                             "--threads", "--gil", "--rate", "250", "--nonblocking", "-o", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return proc, path
+
+
+def stop_profiler(profiler: tuple[subprocess.Popen, Path], cpu_by_thread: dict[int, float],
+                  top: int = 15) -> dict[str, Any]:
+    """Stop py-spy; summarise its folded stacks (samples of the thread holding the
+    GIL): own time (leaf frame) per function and samples per thread, as shares of
+    all samples; plus each named thread's CPU seconds from /proc."""
+    proc, path = profiler
+    proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    if not path.exists():
+        return {"error": err.decode(errors="replace")[-500:]}
+    own: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        samples = int(n)
+        frames = stack.split(";")
+        thread = next((f for f in frames if f.startswith("thread ")), "?")
+        leaf = frames[-1]
+        total += samples
+        own[leaf] = own.get(leaf, 0) + samples
+        threads[thread] = threads.get(thread, 0) + samples
+    share = lambda d: [[k, round(100 * v / total, 1)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])]
+    names = {}
+    for label in threads:  # "thread (1234): MqttIo-5"
+        tid, _, name = label.removeprefix("thread (").partition("): ")
+        if tid.isdigit():
+            names[int(tid)] = name
+    cpu = {names.get(tid, str(tid)): round(seconds, 2)
+           for tid, seconds in sorted(cpu_by_thread.items(), key=lambda kv: -kv[1]) if seconds >= 0.05}
+    return {"samples": total, "file": str(path), "gil_own_pct": share(own)[:top],
+            "gil_thread_pct": share(threads)[:8], "thread_cpu_s": cpu}
 
 
 # ----------------------------------------------------------------------- scenarios --
@@ -257,6 +347,7 @@ def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
         daemon = bench.daemon("hydrod-2", client_id)
         t0 = time.monotonic()
         daemon.start()
+        profiler = start_profiler(daemon, args.profile) if args.profile else None
         first_row = None
         rss_peak = 0
         last = 0
@@ -278,6 +369,9 @@ def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.05)
         seconds = time.monotonic() - t0
         status = proc_status(daemon.pid)
+        cpu_by_thread = thread_cpu(daemon.pid)
+        profile = stop_profiler(profiler, cpu_by_thread) if profiler else None
+        batches = batch_stats(daemon)
         stored = count(conn, "telemetry_samples")
         dead = count(conn, "dead_letters")
         rc = daemon.terminate()
@@ -314,6 +408,8 @@ def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
             "rate_after_first_row_per_s": (round(stored / (seconds - first_row))
                                            if first_row is not None and seconds > first_row else None),
             "daemon_cpu_s": round(status["cpu_s"], 2), "exit_code": rc,
+            "write_batches": batches,
+            **({"profile": profile} if profile else {}),
             "target": TARGETS["drain"],
             "target_met": bool(rate >= 10000 and rate / ref_rate >= 0.2
                                and status["VmHWM"] / 1024 <= 150 and stored == n),
@@ -495,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hellos", type=int, default=int(env("BENCH_HELLOS", 5000)),
                         help="hello_burst: node_hello messages (5000)")
     parser.add_argument("--startup-runs", type=int, default=5, help="startup: runs (5)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="RAW_FILE",
+                        help="drain: record hydrod with py-spy (folded stacks to RAW_FILE) and "
+                             "report the top functions by own time")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.jsonl")
     parser.add_argument("--keep", action="store_true", help="keep scratch directories (logs)")
     args = parser.parse_args(argv)
