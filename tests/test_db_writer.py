@@ -181,6 +181,18 @@ def test_telemetry_from_a_bound_node_on_another_zone_is_dead_lettered_as_zone_mi
     assert samples_on(database, "intruder") == []
 
 
+def test_a_bound_node_that_keeps_its_hardware_id_in_topics_has_its_telemetry_stored(
+        hydrod, broker, database):
+    uid = register_node(broker.port, database, PH_HW)
+    bind_node(hydrod, broker.port, database, uid, "gh-1", "zn-1")
+    publish(broker.port, [(telemetry_topic(PH_HW, "by_hw"), sample(ts=1710000000))])
+    rows = wait_until(lambda: query(database, "SELECT n.uid FROM telemetry_samples s"
+                                              " JOIN nodes n ON n.id = s.node_id WHERE s.channel = 'by_hw'"),
+                      10, "the sample sent under the hardware id")
+    assert rows == [(uid,)]
+    assert dead_letters(database) == []
+
+
 def test_telemetry_from_an_unknown_node_is_dead_lettered_as_unknown_node(hydrod, broker, database):
     topic = telemetry_topic("nd-ph-000000000000", "ph")
     publish(broker.port, [(topic, sample(ts=1710000000))])
