@@ -239,6 +239,61 @@ class Publisher:
         self.client.loop_stop()
 
 
+class PahoDrain:
+    """The MQTT library's own ceiling: a bare paho MQTT 5 client with hydrod's session
+    settings (clean start off, session expiry, Receive Maximum 20000, manual acks)
+    that acknowledges each message in on_message and does nothing else."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.client_id = f"bench-paho-{secrets.token_hex(4)}"
+
+    def _client(self) -> mqtt.Client:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=mqtt.MQTTv5, manual_ack=True)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 604800
+        props.ReceiveMaximum = 20000
+        client.connect("127.0.0.1", self.port, clean_start=False, properties=props)
+        return client
+
+    def create_session(self) -> None:
+        client = self._client()
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.on_connect = lambda c, *_: c.subscribe(TELEMETRY_FILTER, qos=1)
+        client.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("paho reference: no SUBACK")
+        client.disconnect()
+        client.loop_stop()
+
+    def drain(self, n: int, timeout: float) -> float:
+        """Seconds from connect until n messages were received and acknowledged."""
+        got = 0
+        done = threading.Event()
+
+        def on_message(client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            nonlocal got
+            client.ack(msg.mid, msg.qos)
+            got += 1
+            if got >= n:
+                done.set()
+        t0 = time.monotonic()
+        client = self._client()
+        client.on_message = on_message
+        client.loop_start()
+        finished = done.wait(timeout)
+        seconds = time.monotonic() - t0
+        client.disconnect()
+        client.loop_stop()
+        if not finished:
+            raise TimeoutError(f"paho reference: {got} of {n} messages")
+        return seconds
+
+
 def register_nodes(bench: Bench, conn: psycopg.Connection, n: int, prefix: str = "b") -> list[str]:
     """Publish n node_hello (ph nodes) to a running hydrod; return their uids."""
     pub = Publisher(bench.broker.port)
@@ -329,6 +384,8 @@ def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
                     "-c", "-i", ref_id, "-x", "604800", "-q", "1", "-t", TELEMETRY_FILTER,
                     "-D", "connect", "receive-maximum", str(20000)]
         subprocess.run([*ref_argv, "-E"], check=True, timeout=30)
+        paho_ref = PahoDrain(bench.broker.port)
+        paho_ref.create_session()
 
         per_node = -(-n // nodes)
         base = int(time.time()) - per_node - 600  # every ts in the past, distinct per node
@@ -392,6 +449,8 @@ def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
         ref_rows = count(conn, "ref_raw")
         if psql_rc != 0 or ref_rows != n:
             raise RuntimeError(f"reference failed: psql exited {psql_rc}, {ref_rows} of {n} rows")
+        say("drain: paho MQTT 5 receive-and-ack only ...")
+        paho_seconds = paho_ref.drain(n, max(120.0, n / 500))
 
         rate = n / seconds if stored >= n else stored / seconds
         ref_rate = n / ref_seconds
@@ -400,6 +459,8 @@ def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(seconds, 3), "rate_per_s": round(rate),
             "reference_rate_per_s": round(ref_rate), "reference_seconds": round(ref_seconds, 3),
             "ratio": round(rate / ref_rate, 3),
+            "paho_v5_receive_only_rate_per_s": round(n / paho_seconds),
+            "ratio_to_paho": round(rate / (n / paho_seconds), 3),
             "p50_ms": None, "p99_ms": None,
             "peak_rss_mb": round(max(status["VmHWM"], rss_peak) / 1024, 1),
             "lost": n - stored, "dead_letters": dead, "stored": stored,
