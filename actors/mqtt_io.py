@@ -277,6 +277,7 @@ class MqttIo(SupervisedActor):
     def _flush_batches(self) -> None:
         for destination in list(self._batches):
             self._flush_batch(destination)
+        self.metrics.pending.set(len(self.ledger))
 
     def _flush_batch(self, destination: Address) -> None:
         batch = self._batches.pop(destination, None)
@@ -312,6 +313,7 @@ class MqttIo(SupervisedActor):
         if self._registry_open:
             self._release_blocked(seqs)
         due = self.ledger.settle(seqs, self.epoch)
+        self.metrics.pending.set(len(self.ledger))
         if not due or self.client is None or not self.connected:
             return
         for mid, qos in due:
@@ -378,8 +380,10 @@ class MqttIo(SupervisedActor):
                       session_present=message.session_present, client_id=self.settings.client_id,
                       outage_s=None if outage is None else round(outage, 3))
         group = self.settings.shared_group
-        filters = [(f"$share/{group}/{f}" if group else f, SubscribeOptions(qos=1))
-                   for f in protocol.SUBSCRIPTIONS]
+        # Retained status/lwt come once, with a new subscription; a re-subscribe
+        # on reconnect must not replay an old `offline` over a live node.
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        filters = [(f"$share/{group}/{f}" if group else f, options) for f in protocol.SUBSCRIPTIONS]
         rc, mid = self.client.subscribe(filters)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self.log.error("mqtt_subscribe_failed", error=mqtt.error_string(rc))
