@@ -195,3 +195,27 @@ def test_the_pending_gauge_counts_messages_held_while_the_database_is_away(
         proxy.restore()
     wait_until(all_stored(database, 500), 20, "the held samples stored")
     wait_until(lambda: pending() == 0, 5, "nothing pending once stored")
+
+
+def test_a_reconnect_does_not_replay_an_old_retained_last_will_over_a_live_node(
+        make_daemon, make_proxy, broker, database):
+    proxy = make_proxy(broker.port)
+    daemon = make_daemon(mqtt={"port": proxy.port})
+    daemon.wait_ready()
+    uid = register_node(broker.port, database, PH_HW)
+    status_of = lambda: query(database, "SELECT status FROM nodes WHERE uid = %s", (uid,))[0][0]  # noqa: E731
+    publish(broker.port, [(f"hydro/gh-1/zn-1/{uid}/lwt", "offline", True)])  # retained, as a will is
+    wait_until(lambda: status_of() == "offline", what="offline by the will")
+    publish(broker.port, [(f"hydro/gh-1/zn-1/{uid}/heartbeat", {"uptime": 5, "free_heap": 1, "rssi": -50})])
+    wait_until(lambda: status_of() == "online", what="online by the heartbeat")
+
+    mark = daemon.mark()
+    proxy.cut()
+    daemon.wait_for("mqtt_disconnected", since=mark, timeout=10)
+    proxy.restore()
+    daemon.wait_for("mqtt_subscribed", since=mark, timeout=15)
+    # A sentinel after the resubscription: once it is stored, anything replayed would be too.
+    publish(broker.port, [(TOPIC, {"metric_type": "PH", "value": 6.1, "ts": int(time.time())})])
+    wait_until(all_stored(database, 1), what="the sentinel sample")
+    assert status_of() == "online"
+    assert query(database, "SELECT count(*) FROM node_events WHERE kind = 'lwt'")[0][0] == 1
