@@ -99,7 +99,18 @@ class Bench:
         return daemon
 
     def connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.dsn, autocommit=True)
+        return psycopg.connect(self.dsn, autocommit=True, application_name="hydrod-bench")
+
+    def daemon_backend_cpu(self, conn: psycopg.Connection) -> float | None:
+        """CPU seconds of the PostgreSQL backends serving hydrod (this host's server
+        only: read from /proc), i.e. everything on this database but the bench's own."""
+        pids = [r[0] for r in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name <> 'hydrod-bench'").fetchall()]
+        try:
+            return round(sum(proc_status(pid)["cpu_s"] for pid in pids), 2)
+        except OSError:
+            return None
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -427,6 +438,7 @@ def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.monotonic() - t0
         status = proc_status(daemon.pid)
         cpu_by_thread = thread_cpu(daemon.pid)
+        db_cpu = bench.daemon_backend_cpu(conn)
         profile = stop_profiler(profiler, cpu_by_thread) if profiler else None
         batches = batch_stats(daemon)
         stored = count(conn, "telemetry_samples")
@@ -469,7 +481,7 @@ def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
             "rate_after_first_row_per_s": (round(stored / (seconds - first_row))
                                            if first_row is not None and seconds > first_row else None),
             "daemon_cpu_s": round(status["cpu_s"], 2), "exit_code": rc,
-            "write_batches": batches,
+            "write_batches": batches, "db_backend_cpu_s": db_cpu,
             **({"profile": profile} if profile else {}),
             "target": TARGETS["drain"],
             "target_met": bool(rate >= 10000 and rate / ref_rate >= 0.2
@@ -486,6 +498,8 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
         daemon.start()
         daemon.wait_ready(60)
         uids = register_nodes(bench, conn, nodes)
+        profiler = (start_profiler(daemon, args.profile.with_name(args.profile.name + ".live"))
+                    if args.profile else None)
 
         # ts of message i is t0 + i ms: unique, and the key that finds its publish time.
         t0 = int(time.time()) - 120
@@ -534,6 +548,9 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
         stop.set()
         watcher.join(5)
         status = proc_status(daemon.pid)
+        batches = batch_stats(daemon)
+        db_cpu = bench.daemon_backend_cpu(conn)
+        profile = stop_profiler(profiler, thread_cpu(daemon.pid)) if profiler else None
         stored = count(conn, "telemetry_samples")
         dead = count(conn, "dead_letters")
         daemon.terminate()
@@ -566,7 +583,9 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
             "latency_resolution_ms": args.poll_ms,
             "peak_rss_mb": round(status["VmHWM"] / 1024, 1),
             "lost": total - stored, "dead_letters": dead, "unattributed": total - len(lat),
-            "daemon_cpu_s": round(status["cpu_s"], 2),
+            "daemon_cpu_s": round(status["cpu_s"], 2), "write_batches": batches,
+            "db_backend_cpu_s": db_cpu,
+            **({"profile": profile} if profile else {}),
             "target": TARGETS["live"],
             "target_met": bool(lat and q[98] <= 100 and stored == total and status["VmHWM"] / 1024 <= 150
                                and achieved >= 0.95 * rate),
@@ -653,8 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="hello_burst: node_hello messages (5000)")
     parser.add_argument("--startup-runs", type=int, default=5, help="startup: runs (5)")
     parser.add_argument("--profile", type=Path, default=None, metavar="RAW_FILE",
-                        help="drain: record hydrod with py-spy (folded stacks to RAW_FILE) and "
-                             "report the top functions by own time")
+                        help="drain and live: record hydrod with py-spy (folded stacks to RAW_FILE, "
+                             "RAW_FILE.live for live) and report the top functions by own time")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.jsonl")
     parser.add_argument("--keep", action="store_true", help="keep scratch directories (logs)")
     args = parser.parse_args(argv)
