@@ -361,11 +361,13 @@ class MqttIo(SupervisedActor):
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self._retry_connect(f"cannot start network thread: {mqtt.error_string(rc)}")
 
-    def _retry_connect(self, error: str) -> None:
+    def _retry_connect(self, error: str | None) -> None:
+        """Try again after a backoff; `error` None: the disconnect was logged already."""
         delay = self.backoff.next_delay()
-        log = self.log.warning if self.backoff.attempts <= 1 else self.log.debug
-        log("mqtt_connect_failed", host=self.settings.host, port=self.settings.port, error=error,
-            retry_in_s=round(delay, 3), attempt=self.backoff.attempts)
+        if error is not None:
+            log = self.log.warning if self.backoff.attempts <= 1 else self.log.debug
+            log("mqtt_connect_failed", host=self.settings.host, port=self.settings.port, error=error,
+                retry_in_s=round(delay, 3), attempt=self.backoff.attempts)
         tell_later(self.ctx.address, _Connect(), delay)
 
     def _on_connected(self, message: _Connected) -> None:
@@ -416,4 +418,6 @@ class MqttIo(SupervisedActor):
             self.log.warning("mqtt_disconnected", reason=reason, pending=len(self.ledger))
             for watcher in self.link_watchers:
                 watcher.tell(LinkChanged(False))
-        self._retry_connect(f"disconnected: {reason}")
+            self._retry_connect(None)
+        else:
+            self._retry_connect(f"refused: {reason}")
