@@ -652,6 +652,16 @@ def scenario_hello_burst(pg: PgServer, args: argparse.Namespace) -> dict[str, An
 
 # ----------------------------------------------------------------------------- main --
 
+def checkout_state() -> dict[str, Any]:
+    """The commit measured, and whether hydrod's files (bench/ aside) differ from it."""
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return done.stdout.rstrip("\n") if done.returncode == 0 else ""
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench")
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "uncommitted": [line[3:] for line in changed.splitlines()]}
+
+
 SCENARIOS = ("drain", "live", "startup", "hello_burst")
 
 
@@ -690,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         out_path = RESULTS / time.strftime("%Y%m%dT%H%M%SZ.jsonl", time.gmtime())
     reference = None
     failed = 0
+    host = {"cpus": os.cpu_count(), "python": platform.python_version(), **checkout_state()}
     try:
         for name in chosen:
             try:
@@ -705,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one scenario failing does not hide the others
                 failed += 1
                 result = {"scenario": name, "error": f"{type(exc).__name__}: {exc}"[:4000]}
-            result["host"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+            result["host"] = host
             line = json.dumps(result)
             print(line, flush=True)
             if out_path is not None:
