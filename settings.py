@@ -67,7 +67,7 @@ class TelemetrySettings(_Section):
     # A batch is written when it holds batch_size messages or when the oldest
     # has waited flush_interval_ms, whichever comes first.
     batch_size: Annotated[int, Field(ge=1, le=50000)] = 2000
-    flush_interval_ms: Annotated[int, Field(ge=1, le=60000)] = 100
+    flush_interval_ms: Annotated[int, Field(ge=1, le=60000)] = 25
     # Messages accepted but not yet committed. Beyond it, QoS 0 messages are
     # refused (logged and counted); QoS 1 ones are bounded by
     # mqtt.receive_maximum and wait in the broker.

@@ -1,12 +1,15 @@
 """The shell shared by the actors that commit received messages to PostgreSQL.
 
 A consumer gathers delivered messages into a batch and writes it in one
-transaction when the batch is full, when its mailbox is empty (nothing more
-is coming right now: group commit), or when the oldest message has waited
-`flush_interval`, whichever comes first. Only after the commit does it tell
-MqttIo which messages are settled, so the broker is acknowledged only for
-what is stored. While the database is away it keeps the batch, retries with
-backoff and jitter, and the broker holds back the rest.
+transaction when the batch holds `batch_size` messages or when its oldest
+message has waited `flush_interval`, whichever comes first. Only after the
+commit does it tell MqttIo which messages are settled, so the broker is
+acknowledged only for what is stored. While the database is away it keeps the
+batch, retries with backoff and jitter, and the broker holds back the rest.
+
+Why not commit whenever the mailbox is empty (group commit)? At a steady
+1,000 msg/s the mailbox is empty after almost every message: that made 1.5
+messages a transaction and cost ten times the CPU per message of a drain.
 """
 
 from __future__ import annotations
@@ -111,7 +114,8 @@ class BatchConsumer(SupervisedActor):
                 self._pending.extend(items)
                 self._absorbed = message
                 if not self._waiting_retry and (
-                        len(self._pending) >= self.batch_size or self.mailbox_empty()):
+                        len(self._pending) >= self.batch_size
+                        or time.monotonic() - self._oldest >= self.flush_interval):
                     self.flush()
             case _FlushDue():
                 if (self._pending and not self._waiting_retry

@@ -135,13 +135,15 @@ def test_an_exhausted_restart_budget_stops_everything_with_a_non_zero_exit(broke
     daemon = subprocess.Popen([sys.executable, "-c", FAULTY, str(tmp_path / "config.toml")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # Wait until it listens, then give the registry something to fail on, again and again.
-        wait_until(lambda: query(database, "SELECT 1 FROM information_schema.tables WHERE table_name='nodes'"),
-                   what="migrated")
-        for i in range(6):
-            publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id=f"esp32-{i:012x}"))])
-            if daemon.poll() is not None:
-                break
+        # Give the registry something to fail on until hydrod gives up (the first
+        # hellos may come before it subscribes, and are then not for it).
+        sent = iter(range(10_000))
+
+        def another_hello_or_exited():
+            publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id=f"esp32-{next(sent):012x}"))])
+            return daemon.poll() is not None
+
+        wait_until(another_hello_or_exited, timeout=30, what="hydrod giving up")
         out, err = daemon.communicate(timeout=30)
     finally:
         daemon.kill()
