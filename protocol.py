@@ -5,6 +5,7 @@ Everything here is pure and cheap: it runs once per message on the hot path.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Annotated, Literal, NamedTuple
@@ -59,7 +60,7 @@ ZONE_MISMATCH = "zone_mismatch"
 HANDLER_CRASH = "handler_crash"
 STORE_REFUSED = "store_refused"
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SEGMENT = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch
 
 
 class Routed(NamedTuple):
@@ -79,30 +80,41 @@ class Routed(NamedTuple):
     payload: bytes
     received_at: float  # unix seconds
     reason: str | None = None  # set when kind == REJECT
+    detail: str = ""  # what was wrong, for the dead letter
 
 
 def classify(seq: int, topic: str, payload: bytes, received_at: float) -> Routed:
     """Turn a topic into a kind and its parts; unknown shapes become rejects."""
-    parts = topic.split("/")
-    n = len(parts)
     if len(payload) > MAX_PAYLOAD:
         return Routed(seq, REJECT, "", "", "", None, topic, payload, received_at, TOO_LARGE)
+    return Routed(seq, *_shape(topic), topic, payload, received_at, *_REASON.get(_shape(topic)[0], ()))
+
+
+_REASON = {REJECT: (UNKNOWN_TOPIC,)}
+
+
+@functools.lru_cache(maxsize=65536)
+def _shape(topic: str) -> tuple[str, str, str, str, str | None]:
+    """(kind, gh, zone, node, channel) of a topic; a node sends on a handful of topics,
+    so each is parsed and checked once."""
+    parts = topic.split("/")
+    n = len(parts)
     if n == 5 and parts[0] == PREFIX and parts[4] in NODE_KINDS:
         kind, channel = parts[4], None
     elif n == 6 and parts[0] == PREFIX and parts[5] in CHANNEL_KINDS:
         kind, channel = parts[5], parts[4]
-        if not _SEGMENT.match(channel):
-            return Routed(seq, REJECT, "", "", "", None, topic, payload, received_at, UNKNOWN_TOPIC)
+        if not _SEGMENT.fullmatch(channel):
+            return REJECT, "", "", "", None
     elif topic == "hydro/node_hello":
-        return Routed(seq, HELLO, "", "", "", None, topic, payload, received_at)
+        return HELLO, "", "", "", None
     elif topic == "hydro/time/request":
-        return Routed(seq, TIME_REQUEST, "", "", "", None, topic, payload, received_at)
+        return TIME_REQUEST, "", "", "", None
     else:
-        return Routed(seq, REJECT, "", "", "", None, topic, payload, received_at, UNKNOWN_TOPIC)
+        return REJECT, "", "", "", None
     gh, zone, node = parts[1], parts[2], parts[3]
-    if not (_SEGMENT.match(gh) and _SEGMENT.match(zone) and _SEGMENT.match(node)):
-        return Routed(seq, REJECT, "", "", "", None, topic, payload, received_at, UNKNOWN_TOPIC)
-    return Routed(seq, kind, gh, zone, node, channel, topic, payload, received_at)
+    if not (_SEGMENT.fullmatch(gh) and _SEGMENT.fullmatch(zone) and _SEGMENT.fullmatch(node)):
+        return REJECT, "", "", "", None
+    return kind, gh, zone, node, channel
 
 
 def is_temp(gh: str, zone: str) -> bool:
@@ -120,7 +132,7 @@ class Rejected(Exception):
 
 # --- payloads ---------------------------------------------------------------
 
-HardwareId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+HardwareId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+\Z")]
 
 
 class ProvisioningMeta(msgspec.Struct):
@@ -182,6 +194,8 @@ def decode(payload: bytes, shape: type):
         raise Rejected(BAD_PAYLOAD, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise Rejected(BAD_JSON, str(exc)) from None
+    except RecursionError:
+        raise Rejected(BAD_JSON, "JSON nested too deeply") from None
 
 
 def decode_object(payload: bytes) -> dict:
@@ -198,21 +212,25 @@ def decode_object(payload: bytes) -> dict:
         raise Rejected(BAD_PAYLOAD, "payload is not a JSON object") from None
     except msgspec.DecodeError as exc:
         raise Rejected(BAD_JSON, str(exc)) from None
+    except RecursionError:
+        raise Rejected(BAD_JSON, "JSON nested too deeply") from None
     _check_finite(value)
     return value
 
 
 def _check_finite(value) -> None:
-    # JSON has no NaN/Infinity, but 1e999 decodes to inf: refuse it.
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise Rejected(BAD_PAYLOAD, "a number is out of range (Infinity)")
-    elif isinstance(value, dict):
-        for item in value.values():
-            _check_finite(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_finite(item)
+    """JSON has no NaN/Infinity, but 1e999 decodes to inf: refuse it (no recursion:
+    the nesting depth is the sender's choice)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise Rejected(BAD_PAYLOAD, "a number is out of range (Infinity)")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 # --- time rules (SPEC §2) ---------------------------------------------------
@@ -250,7 +268,7 @@ UID_PREFIX = {
     "ph": "ph", "ec": "ec", "climate": "clim", "irrig": "irr", "light": "light",
     "relay": "relay", "water_sensor": "water", "recirculation": "recirc",
 }
-_PROVISIONED_UID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_PROVISIONED_UID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch
 
 
 def normalise_type(node_type: str | None) -> str:
@@ -270,7 +288,7 @@ def base_uid(hardware_id: str, node_type: str) -> str:
 
 def provisioned_uid(hello: NodeHello) -> str | None:
     meta = hello.provisioning_meta
-    if meta and meta.node_uid and _PROVISIONED_UID.match(meta.node_uid):
+    if meta and meta.node_uid and _PROVISIONED_UID.fullmatch(meta.node_uid):
         return meta.node_uid
     return None
 

@@ -56,7 +56,7 @@ def migrate(conn: psycopg.Connection) -> list[str]:
 
 STAGE_COLUMNS = (
     "seq", "kind", "node_key", "gh", "zone", "channel", "metric", "value", "ts",
-    "received_at", "online", "uptime", "free_heap", "rssi", "fw_version", "payload",
+    "received_at", "online", "uptime", "free_heap", "rssi", "fw_version", "payload", "dedup",
 )
 
 
@@ -67,7 +67,7 @@ def prepare_connection(conn: psycopg.Connection) -> None:
         " seq bigint, kind text, node_key text, gh text, zone text, channel text,"
         " metric text, value double precision, ts double precision,"
         " received_at double precision, online boolean, uptime double precision,"
-        " free_heap bigint, rssi integer, fw_version text, payload jsonb"
+        " free_heap bigint, rssi integer, fw_version text, payload jsonb, dedup text"
         ") ON COMMIT DELETE ROWS"
     )
     conn.commit()
@@ -116,9 +116,10 @@ WITH keys AS (
             received_at = EXCLUDED.received_at, metadata = EXCLUDED.metadata
         WHERE telemetry_last.ts < EXCLUDED.ts
 ), events AS (
-    INSERT INTO node_events (node_id, node_key, channel, kind, payload, ts, received_at)
-    SELECT node_id, node_key, channel, kind, payload, to_timestamp(ts), to_timestamp(received_at)
+    INSERT INTO node_events (node_id, node_key, channel, kind, payload, ts, received_at, dedup)
+    SELECT node_id, node_key, channel, kind, payload, to_timestamp(ts), to_timestamp(received_at), dedup
     FROM r WHERE kind NOT IN ('telemetry') AND reason IS NULL
+    ON CONFLICT (node_key, kind, dedup) WHERE dedup IS NOT NULL DO NOTHING
 ), live AS (
     SELECT node_id,
         max(received_at) FILTER (WHERE online) AS seen,
@@ -297,19 +298,20 @@ def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: st
         return ReportOutcome(None, (), None)
     version = config.get("version")
     reported = version if isinstance(version, (int, float)) and not isinstance(version, bool) else None
+    # A report acknowledges the configs that sent the node where it now reports
+    # from: a report from the temp namespace (sent on every connect) is no
+    # acknowledgement of a config that binds the node to a zone.
     cur.execute(
         "UPDATE node_configs SET status = 'applied', applied_at = now()"
         " WHERE node_id = %s AND status IN ('queued', 'published', 'timeout')"
         "   AND (%s::double precision IS NULL OR version <= %s::double precision)"
-        " RETURNING version, config->>'gh_uid', config->>'zone_uid'",
-        (node["id"], reported, reported),
+        "   AND config->>'gh_uid' = %s AND config->>'zone_uid' = %s"
+        " RETURNING version",
+        (node["id"], reported, reported, gh, zone),
     )
     applied = cur.fetchall()
-    bound_to = None
-    if node["gh_uid"] is None and not temp:
-        # A bind completes when the node reports from the gh/zone a config sent it.
-        if any(row[1] == gh and row[2] == zone for row in applied):
-            bound_to = (gh, zone)
+    # A bind completes when the node reports from the gh/zone a config sent it to.
+    bound_to = (gh, zone) if node["gh_uid"] is None and not temp and applied else None
     cur.execute(
         "UPDATE nodes SET config = %s, config_reported_at = %s, status = 'online',"
         " last_seen_at = greatest(last_seen_at, %s), updated_at = now(),"

@@ -49,6 +49,7 @@ class ActorSpec:
 @dataclass(frozen=True)
 class _Restart:
     failure: ActorFailed
+    first: tuple[Any, ...] | None = None  # decided already, when a restart is tried again
 
 
 @dataclass(frozen=True)
@@ -66,23 +67,27 @@ class SupervisorActor(pykka.ThreadingActor):
         self.daemon = daemon
         self.settings = daemon.settings.supervisor
         self.backoff: dict[str, Backoff] = {}
-        self._message_failures: dict[int, tuple[Any, int]] = {}
+        # Failures per message, forgotten after the restart window.
+        self._message_failures: dict[tuple, tuple[Any, int, float]] = {}
 
     def on_receive(self, message: Any) -> Any:
         match message:
             case ActorFailed():
                 self._failed(message)
-            case _Restart(failure):
-                self._restart(failure)
+            case _Restart(failure, first):
+                self._restart(failure, first)
             case _Stats():
                 self.daemon.log_stats()
         return None
 
-    def _failed(self, failure: ActorFailed) -> None:
+    def _failed(self, failure: ActorFailed, first: tuple[Any, ...] | None = None) -> None:
         spec = self.daemon.specs[failure.name]
         now = time.monotonic()
+        window = self.settings.restart_window_s
+        if spec.restarts and spec.restarts[-1] < now - window:
+            self.backoff.pop(failure.name, None)  # a quiet window: start the backoff afresh
         spec.restarts.append(now)
-        while spec.restarts and spec.restarts[0] < now - self.settings.restart_window_s:
+        while spec.restarts and spec.restarts[0] < now - window:
             spec.restarts.popleft()
         log.error("actor_failed", failed_actor=failure.name, error=repr(failure.error),
                   message=type(failure.message).__name__ if failure.message is not None else None,
@@ -91,26 +96,29 @@ class SupervisorActor(pykka.ThreadingActor):
             return
         if len(spec.restarts) > self.settings.max_restarts:
             log.critical("supervisor_gave_up", failed_actor=failure.name, restarts=len(spec.restarts) - 1,
-                         window_s=self.settings.restart_window_s)
+                         window_s=window)
             self.daemon.give_up(SupervisorGaveUp(
-                f"{failure.name} failed {len(spec.restarts)} times in {self.settings.restart_window_s:g} s"))
+                f"{failure.name} failed {len(spec.restarts)} times in {window:g} s"))
             return
         backoff = self.backoff.setdefault(failure.name, Backoff(self.settings.backoff_min_s,
                                                                 self.settings.backoff_max_s))
         delay = backoff.next_delay()
         log.info("actor_restart_scheduled", failed_actor=failure.name, in_s=round(delay, 3))
-        tell_later(self.daemon.supervisor_address, _Restart(failure), delay)
+        tell_later(self.daemon.supervisor_address, _Restart(failure, first), delay)
 
-    def _restart(self, failure: ActorFailed) -> None:
+    def _restart(self, failure: ActorFailed, first: tuple[Any, ...] | None) -> None:
         if self.daemon.stopping.is_set():
             return
         spec = self.daemon.specs[failure.name]
-        first = self._replay_or_dead_letter(failure)
+        if first is None:
+            first = self._replay_or_dead_letter(failure)
         try:
             ref = self.daemon.start_actor(spec, replay_first=first, replay=failure.leftovers)
         except StartupError as exc:
-            # Counted like any failure: the budget decides whether to try again.
-            self._failed(ActorFailed(failure.name, failure.ref, exc, None, failure.leftovers))
+            # Counted like any failure: the budget decides whether to try again. What
+            # the dead incarnation held is kept for the next try.
+            self._failed(ActorFailed(failure.name, failure.ref, exc, failure.message, failure.leftovers),
+                         first=first)
             return
         self.daemon.metrics.restarts.labels(failure.name).inc()
         log.info("actor_restarted", restarted_actor=failure.name, ref=str(ref), replayed=len(failure.leftovers)
@@ -130,19 +138,24 @@ class SupervisorActor(pykka.ThreadingActor):
             middle = len(message.items) // 2
             log.warning("poison_batch_split", failed_actor=failure.name, items=len(message.items))
             return (Deliver(message.items[:middle]), Deliver(message.items[middle:]))
+        now = time.monotonic()
+        for stale in [k for k, (_, _, at) in self._message_failures.items()
+                      if at < now - self.settings.restart_window_s]:
+            del self._message_failures[stale]
         key = _identity(failure.name, message)
-        _, count = self._message_failures.get(key, (message, 0))
+        _, count, _ = self._message_failures.get(key, (message, 0, now))
         count += 1
         if count < self.settings.max_message_failures:
-            self._message_failures[key] = (message, count)
+            self._message_failures[key] = (message, count, now)
             return (message,)
         self._message_failures.pop(key, None)
         if isinstance(message, Deliver):
             item = message.items[0]
             log.warning("message_rejected", reason=protocol.HANDLER_CRASH, topic=item.topic,
                         detail=f"crashed {failure.name} {count} times: {failure.error!r}")
-            self.daemon.specs["db_writer"].address.tell(
-                Deliver((item._replace(kind=protocol.REJECT, reason=protocol.HANDLER_CRASH),)))
+            self.daemon.specs["db_writer"].address.tell(Deliver((item._replace(
+                kind=protocol.REJECT, reason=protocol.HANDLER_CRASH,
+                detail=f"crashed {failure.name} {count} times: {failure.error!r}"),)))
             return ()
         self.daemon.metrics.rejected.labels("message_dropped").inc()
         log.error("message_dropped", failed_actor=failure.name, message=repr(message)[:200],

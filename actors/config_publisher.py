@@ -138,6 +138,7 @@ class ConfigPublisher(SupervisedActor):
         self.ack_timeout_s = ack_timeout_s
         self.link_up = False
         self._in_flight: set[int] = set()  # sent on this link, PUBACK not seen yet
+        self._db_ok = True
         self.pool: ConnectionPool | None = None
         self._ticker: Ticker | None = None
 
@@ -169,7 +170,7 @@ class ConfigPublisher(SupervisedActor):
             case _Expire():
                 self._expire()
             case Health():
-                return True, "ok"
+                return self._db_ok, "database reachable" if self._db_ok else "database unreachable"
             case Flush():
                 return 0
             case _:
@@ -203,7 +204,7 @@ class ConfigPublisher(SupervisedActor):
             with self.pool.connection(timeout=5) as conn, conn.cursor() as cur:
                 queued = store.queued_configs(cur)
         except psycopg.OperationalError as exc:
-            self.log.warning("db_unavailable", error=str(exc).strip(), doing="publish queued configs")
+            self._database(exc, doing="publish queued configs")
             return  # the next link-up or expiry round tries again
         for config_id, uid, version, topic, payload in queued:
             self._send(config_id, uid, version, topic, payload)
@@ -215,7 +216,7 @@ class ConfigPublisher(SupervisedActor):
                 store.mark_published(cur, [acked.config_id])
         except psycopg.OperationalError as exc:
             # Still `queued` in the database: it is published again later, which the node tolerates.
-            self.log.warning("db_unavailable", error=str(exc).strip(), doing="mark config published")
+            self._database(exc, doing="mark config published")
             return
         self.metrics.configs_published.inc()
         self.log.info("config_published", node_uid=acked.uid, version=acked.version, topic=acked.topic)
@@ -225,8 +226,10 @@ class ConfigPublisher(SupervisedActor):
             with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
                 expired = store.expire_configs(cur, self.ack_timeout_s)
                 queued = store.queued_configs(cur) if self.link_up else []
-        except psycopg.OperationalError:
-            return  # reported by whoever needs the database next; the schedule goes on
+        except psycopg.OperationalError as exc:
+            self._database(exc, doing="expire unacknowledged configs")
+            return  # the schedule goes on: the next round tries again
+        self._database(None)
         for uid, version, topic in expired:
             self.metrics.config_timeouts.inc()
             self.log.warning("config_timeout", node_uid=uid, version=version, topic=topic,
@@ -234,3 +237,12 @@ class ConfigPublisher(SupervisedActor):
         # A queued config whose publish was lost with a dropped link goes out again.
         for config_id, uid, version, topic, payload in queued:
             self._send(config_id, uid, version, topic, payload)
+
+    def _database(self, error: Exception | None, doing: str = "") -> None:
+        """Log a change of the database's state once, not on every attempt."""
+        if error is not None and self._db_ok:
+            self._db_ok = False
+            self.log.error("db_unavailable", error=str(error).strip() or type(error).__name__, doing=doing)
+        elif error is None and not self._db_ok:
+            self._db_ok = True
+            self.log.info("db_recovered")

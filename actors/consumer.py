@@ -124,6 +124,8 @@ class BatchConsumer(SupervisedActor):
             case _Retry():
                 self._waiting_retry = False
                 self.flush()
+                if not self._db_ok and not self._pending:
+                    self._probe()
             case Flush():
                 pending = len(self._pending)
                 self._waiting_retry = False
@@ -152,16 +154,30 @@ class BatchConsumer(SupervisedActor):
             yield cur
 
     def flush(self) -> None:
+        wrote = False
         while self._pending:
             chunk = self._pending[: self.batch_size]
             try:
-                self._write_chunk(chunk)
+                self._write_chunk_retrying_conflicts(chunk)
             except psycopg.OperationalError as exc:
                 self._database_down(exc)
                 return
             del self._pending[: len(chunk)]
             self._oldest = time.monotonic()
-        self._database_up()
+            wrote = True
+        if wrote:
+            self._database_up()
+
+    def _write_chunk_retrying_conflicts(self, chunk: list[Routed], attempts: int = 3) -> None:
+        """A deadlock or serialization failure with another writer is not an outage: go again."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._write_chunk(chunk)
+                return
+            except psycopg.errors.TransactionRollback as exc:
+                if attempt == attempts:
+                    raise
+                self.log.info("db_conflict_retried", error=str(exc).strip().splitlines()[0], attempt=attempt)
 
     def _write_chunk(self, chunk: list[Routed]) -> None:
         started = time.perf_counter()
@@ -203,14 +219,26 @@ class BatchConsumer(SupervisedActor):
             self.metrics.rejected.labels(r.reason).inc()
             self.log.warning("message_rejected", reason=r.reason, detail=r.detail, topic=r.item.topic)
 
-    def _database_down(self, exc: Exception) -> None:
+    def _database_down(self, exc: Exception, retry: bool = True) -> None:
+        """Log the outage once; with `retry`, try the pending batch again after a backoff."""
         if self._db_ok:
             self._db_ok = False
             self.metrics.db_up.labels(self.ctx.name).set(0)
             self.log.error("db_unavailable", error=str(exc).strip() or type(exc).__name__,
                            pending=len(self._pending))
-        self._waiting_retry = True
-        tell_later(self.ctx.address, _Retry(), self.retry.next_delay())
+        if retry and not self._waiting_retry:
+            self._waiting_retry = True
+            tell_later(self.ctx.address, _Retry(), self.retry.next_delay())
+
+    def _probe(self) -> None:
+        """Nothing to write, but the database was away: ask it directly."""
+        try:
+            with self.transaction() as cur:
+                cur.execute("SELECT 1")
+        except psycopg.OperationalError as exc:
+            self._database_down(exc)
+        else:
+            self._database_up()
 
     def _database_up(self) -> None:
         if not self._db_ok:

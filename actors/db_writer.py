@@ -7,6 +7,7 @@ dead-letters whatever breaks the rules, and marks silent nodes offline.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +76,7 @@ class DbWriter(BatchConsumer):
                 continue
             if row is None:
                 refused.append(Refusal(item, item.reason or protocol.UNKNOWN_TOPIC,
-                                       _REJECT_DETAIL.get(item.reason or "", "")))
+                                       item.detail or _REJECT_DETAIL.get(item.reason or "", "")))
             else:
                 rows.append(row)
         if rows:
@@ -100,12 +101,12 @@ class DbWriter(BatchConsumer):
                 replaced[rule] += 1
             return (item.seq, kind, item.node, item.gh, item.zone, item.channel,
                     sample.metric_type.upper(), sample.value, ts, item.received_at,
-                    True, None, None, None, None, item.payload.decode())
+                    True, None, None, None, None, item.payload.decode(), None)
         if kind == HEARTBEAT:
             beat = protocol.decode(item.payload, Heartbeat)
             return (item.seq, kind, item.node, item.gh, item.zone, None, None, None,
                     item.received_at, item.received_at, True, beat.uptime, beat.free_heap,
-                    beat.rssi, beat.fw_version, item.payload.decode())
+                    beat.rssi, beat.fw_version, item.payload.decode(), None)
         if kind == STATUS:
             status = protocol.decode(item.payload, Status)
             if status.status is None:
@@ -118,12 +119,13 @@ class DbWriter(BatchConsumer):
             if rule and rule != protocol.TS_MISSING:
                 replaced[rule] += 1
             return (item.seq, kind, item.node, item.gh, item.zone, None, None, None, ts,
-                    item.received_at, online, None, None, None, None, item.payload.decode())
+                    item.received_at, online, None, None, None, None, item.payload.decode(),
+                    None if rule else _dedup(ts, item.payload))
         if kind == LWT:
             if item.payload.strip().lower() != b"offline":
                 raise Rejected(protocol.BAD_PAYLOAD, "a last will must be `offline`")
             return (item.seq, kind, item.node, item.gh, item.zone, None, None, None,
-                    item.received_at, item.received_at, False, None, None, None, None, '"offline"')
+                    item.received_at, item.received_at, False, None, None, None, None, '"offline"', None)
         if kind in EVENT_KINDS:
             event = protocol.decode_object(item.payload)
             raw_ts = event.get("ts")
@@ -133,20 +135,31 @@ class DbWriter(BatchConsumer):
             if rule:
                 replaced[rule] += 1
             return (item.seq, kind, item.node, item.gh, item.zone, item.channel, None, None, ts,
-                    item.received_at, True, None, None, None, None, item.payload.decode())
+                    item.received_at, True, None, None, None, None, item.payload.decode(),
+                    None if rule else _dedup(ts, item.payload))
         if kind == REJECT:
             return None
         raise Rejected(protocol.UNKNOWN_TOPIC, f"hydrod does not store `{kind}` messages")
 
     def _sweep_offline(self) -> None:
+        # Also the writer's heartbeat on the database: with no traffic, /healthz still
+        # learns of an outage within one sweep.
         try:
             with self.transaction() as cur:
                 silent = store.mark_silent_offline(cur, self.offline_after_s)
-        except psycopg.OperationalError:
-            return  # the batch path reports the outage; the next sweep tries again
+        except psycopg.OperationalError as exc:
+            self._database_down(exc, retry=bool(self._pending))
+            return
+        if not self._pending:
+            self._database_up()
         for uid in silent:
             self.log.info("node_offline", node_uid=uid, reason="silent", after_s=self.offline_after_s)
         self.metrics.nodes_marked_offline.inc(len(silent))
+
+
+def _dedup(ts: float, payload: bytes) -> str:
+    """The identity of an event the node stamped itself: its ts and its bytes."""
+    return f"{ts:.6f}:{hashlib.blake2b(payload, digest_size=12).hexdigest()}"
 
 
 def _explain(reason: str, item: Routed) -> str:

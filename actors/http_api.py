@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 import pykka
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import Map, Rule
@@ -67,6 +68,8 @@ class Api:
             response = _json({"error": exc.description}, exc.code)
         except (ActorUnavailable, pykka.Timeout) as exc:
             response = _json({"error": f"hydrod is busy or restarting: {exc or 'timed out'}"}, 503)
+        except psycopg.Error as exc:
+            response = _json({"error": f"database unavailable: {str(exc).strip() or type(exc).__name__}"}, 503)
         return response(environ, start_response)
 
     def _authorised(self, request: Request) -> bool:
@@ -100,15 +103,19 @@ class Api:
 
     def on_healthz(self, request: Request) -> Response:
         checks, failing = {}, []
-        roles = {self.peers.mqtt.name: "mqtt", self.peers.db_writer.name: "database"}
+        # An actor that answers "not ok" names the resource it owns; one that does
+        # not answer is named itself.
+        resource = {self.peers.mqtt.name: "mqtt", self.peers.db_writer.name: "database",
+                    self.peers.registry.name: "database", self.peers.config_publisher.name: "database"}
         for address in self.peers.all:
             try:
                 ok, detail = address.ask(Health(), min(self.ask_timeout, 2.0))
+                part = resource.get(address.name, address.name)
             except (ActorUnavailable, pykka.Timeout) as exc:
-                ok, detail = False, f"actor not answering: {exc or 'timed out'}"
+                ok, detail, part = False, f"actor not answering: {exc or 'timed out'}", address.name
             checks[address.name] = {"ok": ok, "detail": detail}
-            if not ok:
-                failing.append(roles.get(address.name, address.name))
+            if not ok and part not in failing:
+                failing.append(part)
         status = 200 if not failing else 503
         return _json({"status": "ok" if status == 200 else "failing", "failing": failing, "checks": checks},
                      status)

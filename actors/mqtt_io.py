@@ -66,11 +66,11 @@ class Arrivals:
         if len(queue) == 1:
             self._address.tell(_Arrived())
 
-    def take(self, limit: int):
+    def take(self, limit: int | None = None):
         queue = self._queue
-        for _ in range(limit):
-            if not queue:
-                return
+        taken = 0
+        while queue and (limit is None or taken < limit):
+            taken += 1
             yield queue.popleft()
 
     def __len__(self) -> int:
@@ -256,7 +256,7 @@ class MqttIo(SupervisedActor):
                 case _Subscribed(mid, refused):
                     self._on_subscribed(mid, refused)
                 case _Disconnected(reason):
-                    self._take_arrivals()  # what came before the disconnect belongs to that link
+                    self._take_arrivals(everything=True)  # all of it came on the link now gone
                     self._on_disconnected(reason)
                 case Health():
                     return self.connected, "broker connected" if self.connected else "broker unreachable"
@@ -279,11 +279,11 @@ class MqttIo(SupervisedActor):
 
     # -- receiving --
 
-    def _take_arrivals(self) -> None:
+    def _take_arrivals(self, everything: bool = False) -> None:
         if self.arrivals is None:
             return
         receive = self._receive
-        for msg in self.arrivals.take(self.batch_size * 4):
+        for msg in self.arrivals.take(None if everything else self.batch_size * 4):
             receive(msg)
         if len(self.arrivals):
             # Let acknowledgements and publishes in between; the producer will not wake us.
@@ -299,6 +299,15 @@ class MqttIo(SupervisedActor):
                              detail=f"{len(self.ledger)} messages pending; QoS 0 message refused")
             return
         seq = self.ledger.admit(msg.mid, msg.qos, self.epoch)
+        try:
+            self._route(seq, msg)
+        except Exception as exc:
+            # Admitted, so it must be settled: keep it as a dead letter, never crash-loop on it.
+            self.log.exception("handler_crash", topic=msg.topic)
+            self.history.tell(Deliver((Routed(seq, REJECT, "", "", "", None, msg.topic, msg.payload,
+                                              msg.received_at, protocol.HANDLER_CRASH, repr(exc)),)))
+
+    def _route(self, seq: int, msg: Inbound) -> None:
         routed = protocol.classify(seq, msg.topic, msg.payload, msg.received_at)
         counter = self._received.get(routed.kind)
         if counter is None:
@@ -335,7 +344,7 @@ class MqttIo(SupervisedActor):
             protocol.decode_object(routed.payload)
         except protocol.Rejected as exc:
             # Unreadable, but a node is waiting on the clock: answer, and keep the evidence.
-            self.history.tell(Deliver((routed._replace(kind=REJECT, reason=exc.reason),)))
+            self.history.tell(Deliver((routed._replace(kind=REJECT, reason=exc.reason, detail=exc.detail),)))
         else:
             self._acknowledge((routed.seq,))
         self._publish(Publish(protocol.TIME_RESPONSE_TOPIC, protocol.time_response(time.time())))
@@ -445,7 +454,9 @@ class MqttIo(SupervisedActor):
         if mid != self._subscribe_mid:
             return
         if refused:
+            # Connected but deaf is the worst state: drop the link and try again with backoff.
             self.log.error("mqtt_subscribe_refused", reasons=list(refused))
+            self.client.disconnect()
             return
         self.log.info("mqtt_subscribed", filters=len(protocol.SUBSCRIPTIONS),
                       shared_group=self.settings.shared_group or None)

@@ -86,9 +86,13 @@ CREATE TABLE node_events (
     kind        text NOT NULL,
     payload     jsonb NOT NULL,
     ts          timestamptz NOT NULL,
-    received_at timestamptz NOT NULL
+    received_at timestamptz NOT NULL,
+    -- The node's own ts and a hash of the payload, when the node stamped it: a
+    -- redelivered event is then stored once. NULL when hydrod had to stamp it.
+    dedup       text
 );
 CREATE INDEX node_events_node_ts ON node_events (node_id, ts);
+CREATE UNIQUE INDEX node_events_once ON node_events (node_key, kind, dedup) WHERE dedup IS NOT NULL;
 
 CREATE TABLE dead_letters (
     id          bigserial PRIMARY KEY,

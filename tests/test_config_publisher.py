@@ -129,3 +129,24 @@ def test_push_config_on_the_command_line_goes_through_the_daemon(make_daemon, br
     refused = subprocess.run([sys.executable, "-m", "hydrod", "push-config", "nd-nobody", str(body),
                               "--config", str(daemon.config_path)], capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "404" in refused.stderr
+
+
+def test_a_report_from_the_temp_namespace_does_not_acknowledge_a_binding_config(make_daemon, broker, database):
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    status, body = daemon.http("POST", f"/api/nodes/{UID}/config",
+                               json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+    assert status == 202 and body["version"] == 1
+    wait_until(lambda: config_rows(database)[0][1] == "published", what="published")
+    # The node reconnects before applying it: its usual report, from the temp namespace, version 1.
+    publish(broker.port, [(f"hydro/gh-temp/zn-temp/{HW}/config_report",
+                           {"node_id": HW, "version": 1, "type": "ph", "channels": [], "mqtt": {"configured": True}})])
+    wait_until(lambda: query(database, "SELECT config FROM nodes WHERE config IS NOT NULL"), what="report stored")
+    assert config_rows(database)[0][1] == "published"
+    assert daemon.events("config_applied") == []
+    # Then it applies the config and reports from its zone: acknowledged, and bound.
+    publish(broker.port, [(f"hydro/gh-1/zn-1/{UID}/config_report",
+                           {"node_id": UID, "version": 1, "type": "ph", "channels": [], "gh_uid": "gh-1",
+                            "zone_uid": "zn-1", "mqtt": {"configured": True}})])
+    daemon.wait_for("node_bound", node_uid=UID)
+    assert config_rows(database)[0][1] == "applied"

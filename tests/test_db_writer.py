@@ -329,3 +329,28 @@ def test_a_node_silent_for_offline_after_s_is_marked_offline_and_logged(make_dae
     # A message from the node brings it back.
     publish(broker.port, [hello(PH_HW)])
     wait_until(lambda: node(database, uid)["status"] == "online", 10, "online again after a hello")
+
+
+def test_a_redelivered_event_is_stored_once_and_a_new_one_is_kept(hydrod, broker, database):
+    register_node(broker.port, database, PH_HW)
+    event = next(m for m in fixtures().messages if m["topic"].endswith("/event"))
+    topic = f"hydro/gh-1/zn-1/{PH_UID}/level_clean_min/event"
+    later = dict(event["payload"], ts=event["payload"]["ts"] + 60, state=False)
+    publish(broker.port, [(topic, event["payload"]), (topic, event["payload"]), (topic, later)])
+    # A sentinel behind them: once it is stored, so is everything before it.
+    publish(broker.port, [(topic, dict(later, ts=later["ts"] + 60))])
+    wait_until(rows_once(3, database, "SELECT 1 FROM node_events WHERE kind = 'event'"), 10, "events")
+    rows = query(database, "SELECT ts, payload FROM node_events WHERE kind = 'event' ORDER BY ts")
+    assert [r[0] for r in rows] == [utc(event["payload"]["ts"]), utc(later["ts"]), utc(later["ts"] + 60)]
+
+
+def test_a_payload_nested_beyond_reason_is_dead_lettered_even_on_the_clock_topic(hydrod, broker, database):
+    deep = b'{"message_type":"time_request","x":' + b"[" * 3000 + b"]" * 3000 + b"}"
+    publish(broker.port, [("hydro/time/request", deep),
+                          (f"hydro/gh-1/zn-1/{PH_UID}/diagnostics", deep)])
+    rows = wait_until(rows_once(2, database, "SELECT reason, topic FROM dead_letters ORDER BY topic"),
+                      10, "two dead letters")
+    assert rows == [("bad_json", f"hydro/gh-1/zn-1/{PH_UID}/diagnostics"), ("bad_json", "hydro/time/request")]
+    assert hydrod.events("actor_failed") == []
+    # The node still gets its clock.
+    register_node(broker.port, database, PH_HW)

@@ -67,3 +67,19 @@ def test_metrics_are_prometheus_text(make_daemon, broker, database):
     assert 'hydrod_messages_received_total{kind="node_hello"} 1.0' in text
     assert 'hydrod_messages_rejected_total{reason="bad_json"} 1.0' in text
     assert "# TYPE hydrod_batch_seconds histogram" in text
+
+
+def test_healthz_names_the_database_when_it_is_away_even_with_no_traffic(
+        make_daemon, make_proxy, pg_server, database):
+    proxy = make_proxy(pg_server.port, pg_server.host)
+    dsn = database.replace(f":{pg_server.port}/", f":{proxy.port}/")
+    daemon = make_daemon(database={"dsn": dsn}, nodes={"offline_after_s": 0.4})
+    daemon.wait_ready()
+    assert daemon.http("GET", "/healthz")[0] == 200
+    proxy.cut()
+    daemon.wait_for("db_unavailable", actor="db_writer", timeout=15)
+    status, body = daemon.http("GET", "/healthz")
+    assert status == 503 and "database" in body["failing"]
+    proxy.restore()
+    daemon.wait_for("db_recovered", actor="db_writer", timeout=15)
+    wait_until(lambda: daemon.http("GET", "/healthz")[0] == 200, what="healthy again")

@@ -50,6 +50,7 @@ def test_a_valid_provisioned_uid_wins_and_an_invalid_one_is_ignored():
     ("hydro/time/request", "time_request", None),
     ("hydro/gh-1/zn-1/nd-ph-1/ph_sensor/heartbeat", "reject", None),
     ("hydro/gh-1/zn-1//heartbeat", "reject", None),
+    ("hydro/gh-1/zn-1/nd-1\n/heartbeat", "reject", None),
     ("other/gh-1/zn-1/nd-1/heartbeat", "reject", None),
 ])
 def test_topics_are_classified_by_shape(topic, kind, channel):
@@ -98,6 +99,7 @@ def test_timestamps_follow_the_unit_and_replacement_rules(ts, ms, expected, rule
     (b'{"metric_type":"PH","value":5.8,"note":"\xff"}', protocol.BAD_ENCODING),
     (b'{"metric_type":"PH","value":5.8,"note":"a\\u0000b"}', protocol.BAD_PAYLOAD),
     (b"[1, 2]", protocol.BAD_PAYLOAD),
+    (b'{"metric_type":"PH","value":1,"x":' + b"[" * 5000 + b"]" * 5000 + b"}", protocol.BAD_JSON),
 ])
 def test_bad_telemetry_is_rejected_with_a_reason(payload, reason):
     with pytest.raises(Rejected) as caught:
@@ -118,6 +120,7 @@ def test_a_firmware_sample_decodes_with_its_extra_keys_ignored():
     (b'{"message_type":"node_hello","hardware_id":"' + b"a" * 129 + b'"}', protocol.BAD_PAYLOAD),
     (b'{"message_type":"hello","hardware_id":"esp32-1"}', protocol.BAD_PAYLOAD),
     (b'{"message_type":"node_hello","hardware_id":"esp32-1","capabilities":"ph"}', protocol.BAD_PAYLOAD),
+    (b'{"message_type":"node_hello","hardware_id":"esp32-ab\\n"}', protocol.BAD_PAYLOAD),
 ])
 def test_a_bad_node_hello_is_rejected(payload, reason):
     with pytest.raises(Rejected) as caught:
@@ -131,6 +134,9 @@ def test_an_event_keeps_any_json_object_but_refuses_infinity():
         protocol.decode_object(b'{"a":[1e999]}')
     with pytest.raises(Rejected):
         protocol.decode_object(b'"just a string"')
+    with pytest.raises(Rejected) as deep:
+        protocol.decode_object(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}")
+    assert deep.value.reason == protocol.BAD_JSON
 
 
 def test_the_time_response_carries_integer_seconds():

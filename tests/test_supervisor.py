@@ -11,7 +11,7 @@ import pytest
 
 from harness import fast_config, free_port, merge_sections, publish, query, to_toml, wait_until
 from hydrod import logs, settings
-from hydrod.actors.base import Deliver
+from hydrod.actors.base import Deliver, Health
 from hydrod.supervisor import Daemon
 
 HELLO = {"message_type": "node_hello", "hardware_id": "esp32-a1b2c3d4e5f6", "node_type": "ph",
@@ -173,3 +173,33 @@ def test_sigterm_drains_what_was_received_and_exits_0(make_daemon, broker, datab
                what="3000 samples")
     assert stored > 0
     assert again.terminate() == 0
+
+
+def test_a_replacement_that_fails_to_start_is_tried_again_with_everything_it_was_owed(
+        in_process, broker, database):
+    published, armed, start_fails = threading.Event(), threading.Event(), threading.Event()
+
+    def fault(actor, message):
+        if actor != "db_writer":
+            return
+        if isinstance(message, Deliver) and armed.is_set():
+            armed.clear()
+            start_fails.set()
+            published.wait(20)
+            raise RuntimeError("injected fault")
+        if isinstance(message, Health) and start_fails.is_set():
+            start_fails.clear()  # the first replacement does not answer its start-up ping
+            raise RuntimeError("replacement broken")
+
+    daemon, lines = in_process(fault_hook=fault)
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    armed.set()
+    publish(broker.port, samples(300))
+    published.set()
+    lines.wait_for("actor_restarted", restarted_actor="db_writer")
+    wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 300,
+               what="300 samples")
+    failures = lines.events("actor_failed", failed_actor="db_writer")
+    assert len(failures) == 2 and "did not start" in failures[1]["error"]
+    wait_until(lambda: daemon.metrics.acked._value.get() >= 301, what="all acknowledged")
