@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -25,56 +24,15 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from .. import protocol
 from ..protocol import CONFIG_REPORT, HELLO, REJECT, TIME_REQUEST, Routed
 from ..settings import MqttSettings
+from .inbound import Arrivals, Inbound, Ledger
 from .base import Address, Backoff, Context, Deliver, Health, LinkChanged, SupervisedActor, tell_later
 
 # --- messages ----------------------------------------------------------------------
 
 
-class Inbound(NamedTuple):
-    """One PUBLISH received (a tuple: built once per message, on paho's thread)."""
-
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    received_at: float
-
-
 @dataclass(frozen=True)
 class _Arrived:
     """From paho's thread: PUBLISHes wait in the Arrivals queue."""
-
-
-class Arrivals:
-    """PUBLISHes from paho's thread to MqttIo: one pykka message a burst, not one a PUBLISH.
-
-    A pykka tell per PUBLISH cost 13% of a drain's CPU (Queue.put, notify, one
-    dispatch each), measured with py-spy. So paho's callback appends to this deque
-    and tells MqttIo `_Arrived` only when the deque goes from empty to non-empty;
-    MqttIo takes everything in one pass. There is one producer, and deque's append
-    and popleft are atomic, so an arrival is never left without a wake-up. Each
-    MqttIo incarnation has its own, tied to its own paho client.
-    """
-
-    def __init__(self, address: Address):
-        self._queue: deque[Inbound] = deque()
-        self._address = address
-
-    def on_message(self, _client, _userdata, msg) -> None:  # paho's thread
-        queue = self._queue
-        queue.append(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, time.time()))
-        if len(queue) == 1:
-            self._address.tell(_Arrived())
-
-    def take(self, limit: int | None = None):
-        queue = self._queue
-        taken = 0
-        while queue and (limit is None or taken < limit):
-            taken += 1
-            yield queue.popleft()
-
-    def __len__(self) -> int:
-        return len(self._queue)
 
 
 @dataclass(frozen=True)
@@ -131,44 +89,6 @@ class _PubAcked:
     mid: int
 
 
-# --- the ledger ---------------------------------------------------------------------
-
-
-class Ledger:
-    """Received messages in arrival order, acknowledged only from the front."""
-
-    def __init__(self, start: int) -> None:
-        # Each incarnation starts far above the last one's numbers, so a late
-        # Settled meant for a dead incarnation can never settle a new message.
-        self._next = start
-        self._queue: deque[tuple[int, int, int, int]] = deque()  # (seq, mid, qos, epoch)
-        self._done: set[int] = set()
-
-    def admit(self, mid: int, qos: int, epoch: int) -> int:
-        seq = self._next
-        self._next += 1
-        self._queue.append((seq, mid, qos, epoch))
-        return seq
-
-    def settle(self, seqs, epoch: int) -> list[tuple[int, int]]:
-        """Mark seqs done; return the (mid, qos) now due for acknowledgement, in order."""
-        queue, done = self._queue, self._done
-        head = queue[0][0] if queue else self._next
-        done.update(seq for seq in seqs if head <= seq < self._next)
-        due = []
-        while queue and queue[0][0] in done:
-            seq, mid, qos, entry_epoch = queue.popleft()
-            done.discard(seq)
-            # A message from an earlier connection is redelivered by the broker;
-            # its old packet id means nothing on this one.
-            if qos and entry_epoch == epoch:
-                due.append((mid, qos))
-        return due
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-
 # --- the actor ---------------------------------------------------------------------------
 
 
@@ -214,7 +134,7 @@ class MqttIo(SupervisedActor):
         if s.tls:
             client.tls_set(ca_certs=s.ca_file or None, cert_reqs=ssl.CERT_REQUIRED)
         me = self.ctx.address
-        self.arrivals = Arrivals(me)
+        self.arrivals = Arrivals(wake=lambda: me.tell(_Arrived()))
         client.on_message = self.arrivals.on_message
         client.on_connect = lambda _c, _u, flags, rc, _p: me.tell(
             _Connected(str(rc), rc.is_failure, bool(flags.session_present)))

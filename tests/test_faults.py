@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from harness import (BackgroundPublish, metric_value, publish, query, register_node, vmrss_kib,
                      wait_until)

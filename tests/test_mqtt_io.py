@@ -1,0 +1,79 @@
+"""MqttIo's bookkeeping, in process: the acknowledgement ledger and the hand-over
+from paho's thread. The link itself is exercised against a real broker in
+test_faults.py and test_node_registry.py."""
+
+import threading
+from types import SimpleNamespace
+
+from hydrod.actors.inbound import Arrivals, Ledger
+
+
+def test_acknowledgements_go_out_in_arrival_order_whatever_order_commits_come_in():
+    ledger = Ledger(start=100)
+    seqs = [ledger.admit(mid, 1, epoch=0) for mid in (11, 12, 13, 14)]
+    assert seqs == [100, 101, 102, 103]
+    assert ledger.settle([102, 103], epoch=0) == []  # 100 and 101 are not committed yet
+    assert ledger.settle([101], epoch=0) == []
+    assert ledger.settle([100], epoch=0) == [(11, 1), (12, 1), (13, 1), (14, 1)]
+    assert len(ledger) == 0
+
+
+def test_qos_0_messages_hold_their_place_but_are_never_acknowledged():
+    ledger = Ledger(start=0)
+    ledger.admit(1, 1, 0)
+    ledger.admit(0, 0, 0)
+    ledger.admit(3, 1, 0)
+    assert ledger.settle([0, 1, 2], epoch=0) == [(1, 1), (3, 1)]
+
+
+def test_messages_from_an_earlier_connection_are_not_acknowledged_on_the_new_one():
+    ledger = Ledger(start=0)
+    old = ledger.admit(7, 1, epoch=0)
+    new = ledger.admit(7, 1, epoch=1)  # the broker redelivered it, same packet id
+    assert ledger.settle([old, new], epoch=1) == [(7, 1)]
+
+
+def test_settlements_meant_for_a_dead_incarnation_are_ignored():
+    dead = Ledger(start=0)
+    stale = [dead.admit(mid, 1, 0) for mid in range(5)]
+    fresh = Ledger(start=1_000_000)
+    first = fresh.admit(1, 1, 0)
+    assert fresh.settle(stale, epoch=0) == []
+    assert len(fresh) == 1
+    assert fresh.settle([first], epoch=0) == [(1, 1)]
+
+
+def message(i):
+    return SimpleNamespace(topic=f"t/{i}", payload=b"x", mid=i, qos=1)
+
+
+def test_arrivals_wake_the_actor_once_per_burst():
+    wakes = []
+    arrivals = Arrivals(wake=lambda: wakes.append(1))
+    for i in range(3):
+        arrivals.on_message(None, None, message(i))
+    assert len(wakes) == 1
+    assert [m.mid for m in arrivals.take()] == [0, 1, 2]
+    arrivals.on_message(None, None, message(3))
+    assert len(wakes) == 2
+
+
+def test_no_arrival_is_ever_left_without_a_wake_up_under_a_racing_consumer():
+    """paho's thread produces while the actor consumes; each wake-up makes the actor take
+    everything. Every message must be taken, with no wake-up missing at the end."""
+    wake = threading.Semaphore(0)
+    arrivals = Arrivals(wake=wake.release)
+    total, taken = 20_000, []
+
+    def consumer():
+        while len(taken) < total:
+            if not wake.acquire(timeout=5):
+                return  # a lost wake-up: the assertion below reports it
+            taken.extend(m.mid for m in arrivals.take())
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    for i in range(total):
+        arrivals.on_message(None, None, message(i))
+    thread.join(30)
+    assert taken == list(range(total))
