@@ -64,7 +64,7 @@ class Bench:
         self.dir = Path(tempfile.mkdtemp(prefix=f"hydrod-bench-{name}-"))
         # autosave 60 s as in deploy/mosquitto.conf: a 1 s autosave would rewrite a
         # 100k-message store every second and bill the broker's CPU to the drain.
-        self.broker = Mosquitto(self.dir / "broker", autosave_interval=60)
+        self.broker = Mosquitto(self.dir / "broker", autosave_interval=60, extra_config="set_tcp_nodelay true\n")
         self.db = f"hydrod_bench_{name}_{secrets.token_hex(4)}"
         self.dsn = pg.dsn(self.db)
         self._daemons: list[Daemon] = []
