@@ -168,20 +168,16 @@ class Status(msgspec.Struct):
     ts: float | None = None
 
 
-class Stamped(msgspec.Struct):
-    """The one field hydrod reads from an event payload; the rest is kept as is."""
-
-    ts: float | None = None
-
-
 _decoders: dict[type, msgspec.json.Decoder] = {
-    t: msgspec.json.Decoder(t) for t in (NodeHello, Telemetry, Heartbeat, Status, Stamped)
+    t: msgspec.json.Decoder(t) for t in (NodeHello, Telemetry, Heartbeat, Status, dict)
 }
-_object_decoder = msgspec.json.Decoder(dict)
 
 
 def decode(payload: bytes, shape: type):
-    """Decode and validate a JSON payload, or raise Rejected naming what is wrong."""
+    """Decode and validate a JSON payload, or raise Rejected naming what is wrong.
+
+    The whole payload must be UTF-8 (msgspec does not look inside the keys it
+    skips) and free of \\u0000 (PostgreSQL's jsonb refuses it)."""
     try:
         payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -191,7 +187,7 @@ def decode(payload: bytes, shape: type):
     try:
         return _decoders[shape].decode(payload)
     except msgspec.ValidationError as exc:
-        raise Rejected(BAD_PAYLOAD, str(exc)) from None
+        raise Rejected(BAD_PAYLOAD, "payload is not a JSON object" if shape is dict else str(exc)) from None
     except msgspec.DecodeError as exc:
         raise Rejected(BAD_JSON, str(exc)) from None
     except RecursionError:
@@ -200,20 +196,7 @@ def decode(payload: bytes, shape: type):
 
 def decode_object(payload: bytes) -> dict:
     """A payload that must be a JSON object, kept whole (config_report, events)."""
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Rejected(BAD_ENCODING, f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if b"\\u0000" in payload:
-        raise Rejected(BAD_PAYLOAD, "payload contains a NUL character (\\u0000)")
-    try:
-        value = _object_decoder.decode(payload)
-    except msgspec.ValidationError:
-        raise Rejected(BAD_PAYLOAD, "payload is not a JSON object") from None
-    except msgspec.DecodeError as exc:
-        raise Rejected(BAD_JSON, str(exc)) from None
-    except RecursionError:
-        raise Rejected(BAD_JSON, "JSON nested too deeply") from None
+    value = decode(payload, dict)
     _check_finite(value)
     return value
 
