@@ -218,3 +218,19 @@ def test_a_reconnect_does_not_replay_an_old_retained_last_will_over_a_live_node(
     wait_until(all_stored(database, 1), what="the sentinel sample")
     assert status_of() == "online"
     assert query(database, "SELECT count(*) FROM node_events WHERE kind = 'lwt'")[0][0] == 1
+
+
+def test_a_broker_that_is_down_at_start_up_is_waited_for_and_then_used(make_daemon, broker, database):
+    broker.stop()
+    daemon = make_daemon()
+    daemon.wait_for("mqtt_connect_failed", timeout=15)
+    daemon.wait_for("daemon_started")  # the rest of hydrod is up meanwhile
+    status, body = daemon.http("GET", "/healthz")
+    assert status == 503 and body["failing"] == ["mqtt"]
+    broker.restart()
+    daemon.wait_ready(timeout=20)
+    uid = register_node(broker.port, database, PH_HW)
+    publish(broker.port, samples(100))
+    wait_until(all_stored(database, 100), 15, "100 samples")
+    assert uid == PH_UID
+    assert_exactly_stored(database, 100)
