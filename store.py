@@ -103,6 +103,7 @@ WITH keys AS (
     SELECT node_id, channel, metric, value, to_timestamp(ts), to_timestamp(received_at),
            payload - '{metric_type,value,ts}'::text[]
     FROM r WHERE kind = 'telemetry' AND reason IS NULL
+    ORDER BY seq
     ON CONFLICT (node_id, channel, metric_type, ts) DO NOTHING
 ), latest AS (
     INSERT INTO telemetry_last (node_id, channel, metric_type, value, ts, received_at, metadata)
@@ -119,6 +120,7 @@ WITH keys AS (
     INSERT INTO node_events (node_id, node_key, channel, kind, payload, ts, received_at, dedup)
     SELECT node_id, node_key, channel, kind, payload, to_timestamp(ts), to_timestamp(received_at), dedup
     FROM r WHERE kind NOT IN ('telemetry') AND reason IS NULL
+    ORDER BY seq  -- ids follow arrival order
     ON CONFLICT (node_key, kind, dedup) WHERE dedup IS NOT NULL DO NOTHING
 ), live AS (
     SELECT node_id,
