@@ -234,12 +234,17 @@ class Daemon:
                     raise DatabaseUnavailable(f"PostgreSQL unreachable for {s.startup_timeout_s:g} s: {error}") from None
                 if backoff.attempts == 0:
                     log.error("db_unavailable", error=error, doing="migrate", gives_up_in_s=s.startup_timeout_s)
-                time.sleep(min(backoff.next_delay(), max(deadline - time.monotonic(), 0)))
+                # Waiting on the stop event: SIGTERM ends the wait at once.
+                if self.stopping.wait(min(backoff.next_delay(), max(deadline - time.monotonic(), 0))):
+                    log.info("migrations_abandoned", reason="stopping")
+                    return
         log.info("migrations_applied", applied=applied, outage_s=backoff.reset())
 
     def start(self) -> None:
         started_at = time.monotonic()
         self.migrate()
+        if self.stopping.is_set():
+            return  # asked to stop while waiting for the database: nothing started
         self._supervisor_ref = SupervisorActor.start(self)
         self.supervisor_address.attach(self._supervisor_ref)
         for name in self.specs:

@@ -73,3 +73,10 @@ def test_a_bad_config_stops_before_anything_starts(tmp_path):
     result = hydrod("run", "--config", str(path))
     assert result.returncode == 2 and "`mqtt.port`" in result.stderr
     assert '"actor_started"' not in result.stdout
+
+
+def test_sigterm_while_waiting_for_the_database_exits_0_at_once(make_daemon):
+    daemon = make_daemon(database={"dsn": "postgresql://127.0.0.1:1/none", "startup_timeout_s": 60.0})
+    daemon.wait_for("db_unavailable", doing="migrate")
+    assert daemon.terminate(timeout=10) == 0
+    assert daemon.events("migrations_abandoned") and daemon.events("daemon_stopped")
