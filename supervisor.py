@@ -111,14 +111,15 @@ class SupervisorActor(pykka.ThreadingActor):
             return
         spec = self.daemon.specs[failure.name]
         if first is None:
-            first = self._replay_or_dead_letter(failure)
+            # What it held arrived before the suspect: it goes first, as it is.
+            first = failure.salvaged + self._replay_or_dead_letter(failure)
         try:
             ref = self.daemon.start_actor(spec, replay_first=first, replay=failure.leftovers)
         except StartupError as exc:
             # Counted like any failure: the budget decides whether to try again. What
             # the dead incarnation held is kept for the next try.
-            self._failed(ActorFailed(failure.name, failure.ref, exc, failure.message, failure.leftovers),
-                         first=first)
+            self._failed(ActorFailed(failure.name, failure.ref, exc, failure.message, failure.leftovers,
+                                     failure.salvaged), first=first)
             return
         self.daemon.metrics.restarts.labels(failure.name).inc()
         log.info("actor_restarted", restarted_actor=failure.name, ref=str(ref), replayed=len(failure.leftovers)
@@ -137,7 +138,7 @@ class SupervisorActor(pykka.ThreadingActor):
         if isinstance(message, Deliver) and len(message.items) > 1:
             middle = len(message.items) // 2
             log.warning("poison_batch_split", failed_actor=failure.name, items=len(message.items))
-            return (Deliver(message.items[:middle]), Deliver(message.items[middle:]))
+            return (Deliver(message.items[:middle], alone=True), Deliver(message.items[middle:], alone=True))
         now = time.monotonic()
         for stale in [k for k, (_, _, at) in self._message_failures.items()
                       if at < now - self.settings.restart_window_s]:
@@ -147,7 +148,7 @@ class SupervisorActor(pykka.ThreadingActor):
         count += 1
         if count < self.settings.max_message_failures:
             self._message_failures[key] = (message, count, now)
-            return (message,)
+            return (Deliver(message.items, alone=True),) if isinstance(message, Deliver) else (message,)
         self._message_failures.pop(key, None)
         if isinstance(message, Deliver):
             item = message.items[0]

@@ -30,9 +30,14 @@ class ActorUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Deliver:
-    """Received MQTT messages for a consumer, in arrival order."""
+    """Received MQTT messages for a consumer, in arrival order.
+
+    `alone`: a suspect (part of a batch that crashed its actor), to be handled
+    apart from anything else, so that a poison message is cornered.
+    """
 
     items: tuple[Routed, ...]
+    alone: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,9 @@ class ActorFailed:
     name: str
     ref: pykka.ActorRef
     error: BaseException
-    message: Any  # to replay first: what it was handling (see SupervisedActor.salvage), or None
+    message: Any  # the suspect: what it was handling (see SupervisedActor.salvage), or None
     leftovers: tuple[Any, ...]  # pykka envelopes still queued for it
+    salvaged: tuple[Any, ...] = ()  # messages it held, not suspects: replayed first, as they are
 
 
 # --- the address ------------------------------------------------------------------
@@ -182,15 +188,18 @@ class SupervisedActor(pykka.ThreadingActor):
             self.release()
         except Exception:  # the replacement starts clean either way
             self.log.exception("actor_cleanup_failed")
+        suspect, salvaged = self.salvage()
         self.ctx.supervisor.tell(ActorFailed(self.ctx.name, self.actor_ref, exc_value,
-                                             self.salvage(), tuple(leftovers)))
+                                             suspect, tuple(leftovers), salvaged))
 
     def on_stop(self) -> None:
         self.release()
 
-    def salvage(self) -> Any:
-        """What to hand to the replacement first: by default the message being handled."""
-        return self._current
+    def salvage(self) -> tuple[Any, tuple[Any, ...]]:
+        """(the suspect message, what else the actor held) for the replacement.
+
+        By default the suspect is the message being handled, and nothing else is held."""
+        return self._current, ()
 
     def release(self) -> None:
         """Free what the actor owns (connections, threads). Called once, on stop or failure."""

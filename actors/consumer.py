@@ -64,6 +64,7 @@ class BatchConsumer(SupervisedActor):
         self.pool: ConnectionPool | None = None
         self._pending: list[Routed] = []
         self._absorbed: Deliver | None = None  # the last Deliver whose items are in _pending
+        self._settled_now: set[int] = set()  # seqs committed during the current flush
         self._oldest = 0.0
         self._db_ok = True
         self._waiting_retry = False
@@ -108,6 +109,16 @@ class BatchConsumer(SupervisedActor):
 
     def handle(self, message: Any) -> Any:
         match message:
+            case Deliver(items, alone=True):
+                # A suspect from a crash: what came before goes first, then it, on its own.
+                if self._pending and not self._waiting_retry:
+                    self.flush()
+                if not self._pending:
+                    self._oldest = time.monotonic()
+                self._pending.extend(items)
+                self._absorbed = message
+                if not self._waiting_retry and len(self._pending) == len(items):
+                    self.flush()
             case Deliver(items):
                 if not self._pending:
                     self._oldest = time.monotonic()
@@ -137,13 +148,16 @@ class BatchConsumer(SupervisedActor):
                 return self.handle_other(message)
         return None
 
-    def salvage(self) -> Any:
-        """Everything received and not committed, as one batch for the replacement."""
-        items = list(self._pending)
+    def salvage(self) -> tuple[Any, tuple[Any, ...]]:
+        """The suspect, and everything else received and not committed.
+
+        The suspect is the Deliver being handled when the actor died before taking
+        it in; when it died later (while writing), the whole pending batch is."""
         current = self._current
+        held = (Deliver(tuple(self._pending)),) if self._pending else ()
         if isinstance(current, Deliver) and current is not self._absorbed:
-            items.extend(current.items)
-        return Deliver(tuple(items)) if items else None
+            return current, held
+        return (held[0] if held else None), ()
 
     # -- writing --
 
@@ -157,9 +171,13 @@ class BatchConsumer(SupervisedActor):
         wrote = False
         while self._pending:
             chunk = self._pending[: self.batch_size]
+            self._settled_now: set[int] = set()
             try:
                 self._write_chunk_retrying_conflicts(chunk)
             except psycopg.OperationalError as exc:
+                # Parts of a bisected chunk may be committed already: keep only the rest.
+                if self._settled_now:
+                    self._pending = [item for item in self._pending if item.seq not in self._settled_now]
                 self._database_down(exc)
                 return
             del self._pending[: len(chunk)]
@@ -193,8 +211,8 @@ class BatchConsumer(SupervisedActor):
             # rest, and dead-letter the one message that fails alone.
             if len(chunk) > 1:
                 middle = len(chunk) // 2
-                self._write_chunk(chunk[:middle])
-                self._write_chunk(chunk[middle:])
+                self._write_chunk_retrying_conflicts(chunk[:middle])
+                self._write_chunk_retrying_conflicts(chunk[middle:])
                 return
             if isinstance(exc, DATA_ERRORS):
                 reason, detail = STORE_REFUSED, str(exc).strip()
@@ -203,12 +221,17 @@ class BatchConsumer(SupervisedActor):
                 reason, detail = HANDLER_CRASH, repr(exc)
             with self.transaction() as cur:
                 self._dead_letter(cur, [Refusal(chunk[0], reason, detail)])
-            self.mqtt.tell(Settled((chunk[0].seq,)))
+            self._settle(chunk)
             return
         self.committed()
         self.metrics.batch_seconds.labels(self.ctx.name).observe(time.perf_counter() - started)
         self.metrics.stored.labels(self.ctx.name).inc(len(chunk) - len(refused))
-        self.mqtt.tell(Settled(tuple(item.seq for item in chunk)))
+        self._settle(chunk)
+
+    def _settle(self, chunk: list[Routed]) -> None:
+        seqs = tuple(item.seq for item in chunk)
+        self._settled_now.update(seqs)
+        self.mqtt.tell(Settled(seqs))
 
     def _dead_letter(self, cur: psycopg.Cursor, refused: list[Refusal]) -> None:
         if not refused:

@@ -103,17 +103,20 @@ def test_a_message_that_keeps_crashing_its_actor_is_dead_lettered(in_process, br
 
     daemon, lines = in_process(fault_hook=poison)
     poisoned = dict(HELLO, hardware_id="esp32-poison")
-    publish(broker.port, [("hydro/node_hello", poisoned), ("hydro/node_hello", HELLO)])
+    good = [dict(HELLO, hardware_id=f"esp32-00000000000{i}") for i in range(1, 4)]
+    publish(broker.port, [("hydro/node_hello", good[0]), ("hydro/node_hello", poisoned),
+                          ("hydro/node_hello", good[1]), ("hydro/node_hello", good[2])])
     lines.wait_for("message_rejected", reason="handler_crash")
     wait_until(lambda: query(database, "SELECT reason, payload FROM dead_letters"), what="dead letter")
     [(reason, payload)] = query(database, "SELECT reason, payload FROM dead_letters")
     assert reason == "handler_crash" and b"esp32-poison" in payload
-    wait_until(lambda: query(database, "SELECT hardware_id FROM nodes"), what="the good node")
-    assert query(database, "SELECT hardware_id FROM nodes") == [("esp32-a1b2c3d4e5f6",)]
+    wait_until(lambda: len(query(database, "SELECT 1 FROM nodes")) == 3, what="the good nodes")
+    assert sorted(r[0] for r in query(database, "SELECT hardware_id FROM nodes")) == [
+        g["hardware_id"] for g in good]
     assert not lines.events("supervisor_gave_up")
     # The daemon goes on: a later hello registers.
-    publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id="esp32-000000000002"))])
-    wait_until(lambda: len(query(database, "SELECT 1 FROM nodes")) == 2, what="second node")
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: len(query(database, "SELECT 1 FROM nodes")) == 4, what="a later node")
 
 
 FAULTY = textwrap.dedent("""
