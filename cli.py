@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def push_config(config, args) -> int:
     if not http.enabled:
         raise Failure("push-config goes through the daemon's HTTP API, and http.enabled is false")
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-    request = urllib.request.Request(f"http://{host}:{http.port}/api/nodes/{args.uid}/config", data=raw,
+    uid = urllib.parse.quote(args.uid, safe="")
+    request = urllib.request.Request(f"http://{host}:{http.port}/api/nodes/{uid}/config", data=raw,
                                      method="POST", headers={"Content-Type": "application/json"})
     if http.token.get_secret_value():
         request.add_header("Authorization", f"Bearer {http.token.get_secret_value()}")

@@ -86,7 +86,10 @@ class Routed(NamedTuple):
 def classify(seq: int, topic: str, payload: bytes, received_at: float) -> Routed:
     """Turn a topic into a kind and its parts; unknown shapes become rejects."""
     if len(payload) > MAX_PAYLOAD:
-        return Routed(seq, REJECT, "", "", "", None, topic, payload, received_at, TOO_LARGE)
+        # Keep the first 64 KiB as evidence, not the whole thing: memory is bounded
+        # by message count (Receive Maximum), so no message may be arbitrarily large.
+        return Routed(seq, REJECT, "", "", "", None, topic, payload[:MAX_PAYLOAD], received_at, TOO_LARGE,
+                      f"payload of {len(payload)} bytes, over {MAX_PAYLOAD}; the first {MAX_PAYLOAD} kept")
     return Routed(seq, *_shape(topic), topic, payload, received_at, *_REASON.get(_shape(topic)[0], ()))
 
 
@@ -231,6 +234,10 @@ TS_FUTURE = "future"
 def normalise_ts(ts: float | None, received_at: float, milliseconds: bool = False) -> tuple[float, str | None]:
     """Return (unix seconds, replacement reason or None) for a node's `ts`."""
     if ts is None:
+        return received_at, TS_MISSING
+    try:
+        ts = float(ts)  # an int of 400 digits is valid JSON, and no time
+    except OverflowError:
         return received_at, TS_MISSING
     if not math.isfinite(ts):
         return received_at, TS_MISSING

@@ -12,6 +12,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .errors import ConfigError
@@ -146,6 +148,12 @@ def from_dict(raw: dict[str, Any], environ: dict[str, str] | None = None,
     except ValidationError as exc:
         problems = [_describe(error) for error in exc.errors()]
         raise ConfigError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems)) from None
+    try:
+        conninfo_to_dict(settings.database.dsn.get_secret_value())
+    except psycopg.ProgrammingError:
+        # The parser's message quotes the DSN, password included: say where, not what.
+        raise ConfigError(f"{source}: `database.dsn` is not a valid PostgreSQL connection string "
+                          "(key=value pairs or a postgresql:// URL; percent-encode special characters)") from None
     if settings.database.pool_min > settings.database.pool_max:
         raise ConfigError(f"{source}: database.pool_min ({settings.database.pool_min}) "
                           f"is above database.pool_max ({settings.database.pool_max})")

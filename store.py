@@ -358,6 +358,10 @@ def node_for_push(cur: psycopg.Cursor, uid: str) -> dict[str, Any] | None:
     return node
 
 
+def keep_node_secret(cur: psycopg.Cursor, node_id: int, secret: str) -> None:
+    cur.execute("UPDATE nodes SET node_secret = %s, updated_at = now() WHERE id = %s", (secret, node_id))
+
+
 def record_config(cur: psycopg.Cursor, *, node_id: int, version: int, config: dict[str, Any],
                   payload: bytes, topic: str) -> int:
     cur.execute(
@@ -397,10 +401,11 @@ def expire_configs(cur: psycopg.Cursor, timeout_s: float) -> list[tuple[str, int
 
 # --- reads --------------------------------------------------------------------------
 
+# Never node_secret, not even as an echo inside the node's reported config.
 NODE_FIELDS = (
     "uid, hardware_id, type, fw_version, hardware_revision, capabilities, name, lifecycle_state,"
-    " status, gh_uid, zone_uid, config, last_seen_at, last_heartbeat_at, uptime_seconds,"
-    " free_heap_bytes, rssi, created_at, updated_at"
+    " status, gh_uid, zone_uid, config - 'node_secret' AS config, last_seen_at, last_heartbeat_at,"
+    " uptime_seconds, free_heap_bytes, rssi, created_at, updated_at"
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import psycopg
@@ -70,7 +70,7 @@ class NodeConfigBody(msgspec.Struct):
 
     channels: list[Any]
     node_id: str | None = None
-    version: int | None = None
+    version: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
     type: str | None = None
     mqtt: dict[str, Any] | None = None
     gh_uid: str | None = None
@@ -79,8 +79,8 @@ class NodeConfigBody(msgspec.Struct):
     wifi: dict[str, Any] | None = None
 
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_SECRET = re.compile(r"^[0-9a-fA-F]{64}$")
+_SEGMENT = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch
+_SECRET = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def build_config(node: dict[str, Any], body: Any) -> tuple[dict[str, Any], str]:
@@ -91,16 +91,14 @@ def build_config(node: dict[str, Any], body: Any) -> tuple[dict[str, Any], str]:
         checked = msgspec.convert(body, NodeConfigBody)
     except msgspec.ValidationError as exc:
         raise PushRefused(400, f"invalid NodeConfig: {exc}") from None
-    if checked.version is not None and checked.version < 1:
-        raise PushRefused(400, "invalid NodeConfig: `version` must be 1 or more - at `$.version`")
     if checked.node_id is not None and checked.node_id != node["uid"]:
         raise PushRefused(400, f"invalid NodeConfig: `node_id` must be the node's uid `{node['uid']}`"
                                " - at `$.node_id`")
-    if checked.node_secret is not None and not _SECRET.match(checked.node_secret):
+    if checked.node_secret is not None and not _SECRET.fullmatch(checked.node_secret):
         raise PushRefused(400, "invalid NodeConfig: `node_secret` must be 64 hex characters - at `$.node_secret`")
     for field in ("gh_uid", "zone_uid"):
         value = getattr(checked, field)
-        if value is not None and (not _SEGMENT.match(value) or value in (protocol.TEMP_GH, protocol.TEMP_ZONE)):
+        if value is not None and (not _SEGMENT.fullmatch(value) or value in (protocol.TEMP_GH, protocol.TEMP_ZONE)):
             raise PushRefused(400, f"invalid NodeConfig: `{field}` is not a usable topic segment - at `$.{field}`")
     if (checked.gh_uid is None) != (checked.zone_uid is None):
         raise PushRefused(400, "invalid NodeConfig: `gh_uid` and `zone_uid` go together")
@@ -184,6 +182,9 @@ class ConfigPublisher(SupervisedActor):
                 if node is None:
                     raise PushRefused(404, f"no node with uid {uid}")
                 config, topic = build_config(node, body)
+                if config["node_secret"] != node["node_secret"]:
+                    # An operator's secret replaces the generated one, and is kept from now on.
+                    store.keep_node_secret(cur, node["id"], config["node_secret"])
                 payload = msgspec.json.encode(config)
                 config_id = store.record_config(cur, node_id=node["id"], version=int(config["version"]),
                                                 config=config, payload=payload, topic=topic)

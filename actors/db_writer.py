@@ -106,7 +106,8 @@ class DbWriter(BatchConsumer):
             beat = protocol.decode(item.payload, Heartbeat)
             return (item.seq, kind, item.node, item.gh, item.zone, None, None, None,
                     item.received_at, item.received_at, True, beat.uptime, beat.free_heap,
-                    beat.rssi, beat.fw_version, item.payload.decode(), None)
+                    beat.rssi, beat.fw_version, item.payload.decode(),
+                    _dedup(0.0, item.payload))  # no ts; its uptime makes each one distinct
         if kind == STATUS:
             status = protocol.decode(item.payload, Status)
             if status.status is None:

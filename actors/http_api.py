@@ -90,10 +90,15 @@ class Api:
     def on_push(self, request: Request, uid: str) -> Response:
         if (request.content_length or 0) > MAX_BODY:
             return _json({"error": f"body over {MAX_BODY} bytes"}, 413)
+        raw = request.get_data(cache=False) or b"null"
         try:
-            body = json.loads(request.get_data(cache=False) or b"null")
+            body = json.loads(raw, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError) as exc:
             return _json({"error": f"body is not JSON: {exc}"}, 400)
+        except RecursionError:
+            return _json({"error": "body is not JSON: nested too deeply"}, 400)
+        if b"\\u0000" in raw:
+            return _json({"error": "body contains a NUL character (\\u0000), which a config cannot carry"}, 400)
         try:
             result = self.peers.config_publisher.ask(PushConfig(uid, body), self.ask_timeout)
         except PushRefused as exc:
@@ -122,6 +127,10 @@ class Api:
 
     def on_metrics(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), mimetype="text/plain; version=0.0.4")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _json(data: Any, status: int = 200) -> Response:

@@ -205,6 +205,11 @@ class MqttIo(SupervisedActor):
         receive = self._receive
         for msg in self.arrivals.take(None if everything else self.batch_size * 4):
             receive(msg)
+        # Registry work goes on at once: history waits behind it, and under a
+        # steady backlog the mailbox may not be empty for a long while.
+        registry = self.routes[HELLO]
+        if registry in self._batches:
+            self._flush_batch(registry)
         if len(self.arrivals):
             # Let acknowledgements and publishes in between; the producer will not wake us.
             self.ctx.address.tell(_Arrived())
@@ -346,6 +351,8 @@ class MqttIo(SupervisedActor):
         tell_later(self.ctx.address, _Connect(), delay)
 
     def _on_connected(self, message: _Connected) -> None:
+        if self.client is None or self.closing:
+            return  # a late answer to a link we are closing
         if message.failed:
             # The broker refused us (credentials, client id): paho closes the link next.
             self.log.error("mqtt_connect_refused", reason=message.reason, host=self.settings.host)
@@ -371,7 +378,7 @@ class MqttIo(SupervisedActor):
             watcher.tell(LinkChanged(True))
 
     def _on_subscribed(self, mid: int, refused: tuple[str, ...]) -> None:
-        if mid != self._subscribe_mid:
+        if mid != self._subscribe_mid or self.client is None or self.closing:
             return
         if refused:
             # Connected but deaf is the worst state: drop the link and try again with backoff.

@@ -107,6 +107,15 @@ def test_push_errors_name_what_is_wrong(make_daemon, broker, database):
         (b'{"channels": [], "node_id": "someone-else", "gh_uid": "gh-1", "zone_uid": "zn-1"}', 400, "node_id"),
         (b'{"channels": [], "gh_uid": "gh-1"}', 400, "go together"),
         (b'{"channels": []}', 409, "not bound"),
+        (b'{"channels": [NaN], "gh_uid": "gh-1", "zone_uid": "zn-1"}', 400, "not JSON"),
+        (b'{"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "x": "a\\u0000b"}', 400, "NUL"),
+        (b'{"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "version": ' + b"9" * 30 + b"}", 400,
+         "$.version"),
+        (b'{"channels": ' + b"[" * 5000 + b"]" * 5000 + b', "gh_uid": "gh-1", "zone_uid": "zn-1"}', 400,
+         "nested"),
+        (b'{"channels": [], "gh_uid": "gh-1\\n", "zone_uid": "zn-1"}', 400, "$.gh_uid"),
+        (b'{"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "node_secret": "' + b"a" * 65 + b'"}', 400,
+         "$.node_secret"),
     ]
     for body, want_status, want_text in cases:
         status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", body=body)
@@ -150,3 +159,28 @@ def test_a_report_from_the_temp_namespace_does_not_acknowledge_a_binding_config(
                             "zone_uid": "zn-1", "mqtt": {"configured": True}})])
     daemon.wait_for("node_bound", node_uid=UID)
     assert config_rows(database)[0][1] == "applied"
+
+
+def test_a_node_secret_given_in_a_push_is_kept_for_the_next_ones(make_daemon, broker, database):
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    secret = "ab" * 32
+    with Subscriber(broker.port, "hydro/+/+/+/config") as sub:
+        assert daemon.http("POST", f"/api/nodes/{UID}/config", json={
+            "channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "node_secret": secret})[0] == 202
+        assert daemon.http("POST", f"/api/nodes/{UID}/config", json={
+            "channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})[0] == 202
+        first, second = sub.wait_for(2)
+    assert first.json()["node_secret"] == second.json()["node_secret"] == secret
+    _, node = daemon.http("GET", f"/api/nodes/{UID}")
+    assert secret not in json.dumps(node)
+
+
+def test_push_config_refuses_a_uid_that_is_no_uid_cleanly(make_daemon, broker, database, tmp_path):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    body = tmp_path / "config.json"
+    body.write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "hydrod", "push-config", "nd ph/../x?y", str(body),
+                             "--config", str(daemon.config_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "404" in result.stderr and "Traceback" not in result.stderr

@@ -60,9 +60,10 @@ def test_topics_are_classified_by_shape(topic, kind, channel):
         assert routed.reason == protocol.UNKNOWN_TOPIC
 
 
-def test_a_payload_over_64_kib_is_rejected_before_anything_else():
-    routed = protocol.classify(1, "hydro/gh-1/zn-1/nd-1/heartbeat", b" " * (64 * 1024 + 1), NOW)
+def test_a_payload_over_64_kib_is_rejected_before_anything_else_and_only_its_start_kept():
+    routed = protocol.classify(1, "hydro/gh-1/zn-1/nd-1/heartbeat", b" " * (1024 * 1024), NOW)
     assert (routed.kind, routed.reason) == ("reject", protocol.TOO_LARGE)
+    assert len(routed.payload) == 64 * 1024 and "1048576 bytes" in routed.detail
 
 
 def test_temp_is_exactly_gh_temp_and_zn_temp():
@@ -80,6 +81,8 @@ def test_temp_is_exactly_gh_temp_and_zn_temp():
     (NOW + 301, False, NOW, "future"),
     (NOW + 299, False, NOW + 299, None),
     (None, False, NOW, "missing"),
+    (10 ** 400, False, NOW, "missing"),
+    (10 ** 400, True, NOW, "missing"),
 ])
 def test_timestamps_follow_the_unit_and_replacement_rules(ts, ms, expected, rule):
     value, replaced = protocol.normalise_ts(ts, NOW, milliseconds=ms)

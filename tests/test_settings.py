@@ -93,3 +93,10 @@ def test_check_config_fails_with_exit_2_and_names_the_keys(tmp_path):
     assert "did you mean `mqtt.host`" in result.stderr
     assert "`logging.format`" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_malformed_dsn_is_a_config_error_that_does_not_show_the_password():
+    with pytest.raises(ConfigError) as caught:
+        settings.from_dict({"database": {"dsn": "postgresql://hydrod:pa%zzword@db/hydro"}})
+    assert "`database.dsn`" in str(caught.value)
+    assert "zzword" not in str(caught.value)
