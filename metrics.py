@@ -37,14 +37,17 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def summary(self) -> dict[str, float]:
-        """Every sample as {name{labels}: value}, for the `stats` log line."""
-        out: dict[str, float] = {}
+    def summary(self) -> dict[str, object]:
+        """Every counter and gauge for the `stats` log line, jq-friendly: a number,
+        or {label value: number} for a labelled one (`.messages_received_total.telemetry`)."""
+        out: dict[str, object] = {}
         for family in self.registry.collect():
             for sample in family.samples:
                 if sample.name.endswith(("_created", "_bucket", "_sum")):
                     continue
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 name = sample.name.removeprefix("hydrod_")
-                out[f"{name}{{{labels}}}" if labels else name] = sample.value
+                if sample.labels:
+                    out.setdefault(name, {})[",".join(sample.labels.values())] = sample.value  # type: ignore[index]
+                else:
+                    out[name] = sample.value
         return out

@@ -67,6 +67,9 @@ def test_metrics_are_prometheus_text(make_daemon, broker, database):
     assert 'hydrod_messages_received_total{kind="node_hello"} 1.0' in text
     assert 'hydrod_messages_rejected_total{reason="bad_json"} 1.0' in text
     assert "# TYPE hydrod_batch_seconds histogram" in text
+    # The same counters in the periodic `stats` log line, as jq-friendly fields.
+    stats = daemon.wait_for("stats", messages_rejected_total=lambda v: v.get("bad_json") == 1.0)
+    assert stats["messages_received_total"]["node_hello"] == 1.0
 
 
 def test_healthz_names_the_database_when_it_is_away_even_with_no_traffic(
