@@ -8,6 +8,7 @@ made here, in SQL, under row locks, not in any one process's memory.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from dataclasses import dataclass
 from importlib import resources
@@ -206,29 +207,32 @@ class Registration:
 def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_version: str | None,
                   capabilities: list[str], hardware_revision: str | None, name: str | None,
                   wanted_uid: str | None, base: str, seen_at: float) -> Registration:
-    """Create the node for a new hardware id, or update a known one (uid kept)."""
+    """Create the node for a new hardware id, or update a known one (uid kept).
+
+    One statement for a known node, one for a new one whose uid is free: a
+    fleet that says hello all at once after an outage is mostly round trips."""
+    seen = _ts(seen_at)
     cur.execute(
-        "SELECT uid, type, fw_version, capabilities, hardware_revision FROM nodes"
-        " WHERE hardware_id = %s FOR UPDATE",
-        (hardware_id,),
+        "WITH old AS (SELECT id, uid, type, fw_version, capabilities, hardware_revision FROM nodes"
+        "             WHERE hardware_id = %s FOR UPDATE)"
+        " UPDATE nodes n SET type = %s, fw_version = %s, capabilities = %s, hardware_revision = %s,"
+        "   name = coalesce(%s, n.name), status = 'online',"
+        "   last_seen_at = greatest(n.last_seen_at, %s), updated_at = now()"
+        " FROM old WHERE n.id = old.id"
+        " RETURNING old.uid, old.type, old.fw_version, old.capabilities, old.hardware_revision",
+        (hardware_id, node_type, fw_version, Jsonb(capabilities), hardware_revision, name, seen),
     )
     row = cur.fetchone()
-    seen = _ts(seen_at)
     if row is not None:
         uid, old_type, old_fw, old_caps, old_rev = row
-        changed = tuple(name for name, old, new in (
+        changed = tuple(field for field, old, new in (
             ("type", old_type, node_type), ("fw_version", old_fw, fw_version),
             ("capabilities", old_caps, capabilities), ("hardware_revision", old_rev, hardware_revision),
         ) if old != new)
-        cur.execute(
-            "UPDATE nodes SET type = %s, fw_version = %s, capabilities = %s, hardware_revision = %s,"
-            " name = coalesce(%s, name), status = 'online',"
-            " last_seen_at = greatest(last_seen_at, %s), updated_at = now()"
-            " WHERE hardware_id = %s",
-            (node_type, fw_version, Jsonb(capabilities), hardware_revision, name, seen, hardware_id),
-        )
         return Registration(uid, False, changed)
-    for candidate in _uid_candidates(cur, wanted_uid or base):
+    first = wanted_uid or base
+    candidates = itertools.chain([first], (c for c in _uid_candidates(cur, first) if c != first))
+    for candidate in candidates:
         cur.execute(
             "INSERT INTO nodes (uid, hardware_id, type, fw_version, capabilities, hardware_revision,"
             " name, status, last_seen_at)"
@@ -239,8 +243,8 @@ def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_v
         )
         if cur.fetchone() is not None:
             return Registration(candidate, True, ())
-        # Either the uid was taken meanwhile (try the next) or another instance
-        # registered this very hardware id (then it is an update).
+        # Either the uid is taken (try the next) or another instance registered
+        # this very hardware id meanwhile (then it is an update).
         cur.execute("SELECT 1 FROM nodes WHERE hardware_id = %s", (hardware_id,))
         if cur.fetchone() is not None:
             return register_node(cur, hardware_id=hardware_id, node_type=node_type, fw_version=fw_version,
@@ -327,6 +331,12 @@ def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: st
          bound_to is not None, node["id"]),
     )
     return ReportOutcome(node["uid"], tuple(int(row[0]) for row in applied), bound_to)
+
+
+def held_report_keys(cur: psycopg.Cursor, keys: Iterable[str]) -> set[str]:
+    """Which of these node keys have a held config_report (one query for a whole batch)."""
+    cur.execute("SELECT node_key FROM held_config_reports WHERE node_key = ANY(%s)", (list(keys),))
+    return {row[0] for row in cur.fetchall()}
 
 
 def take_held_reports(cur: psycopg.Cursor, keys: Iterable[str]) -> list[dict[str, Any]]:

@@ -29,6 +29,8 @@ class NodeRegistry(BatchConsumer):
     def __init__(self, context, **kwargs):
         super().__init__(context, **kwargs)
         self._announcements: list[tuple[str, dict[str, Any]]] = []
+        self._held: set[str] = set()  # node keys with a held config_report, in this batch
+        self._asked: set[str] = set()  # the keys that batch query covered
 
     def handle_other(self, message: Any) -> Any:
         match message:
@@ -41,6 +43,9 @@ class NodeRegistry(BatchConsumer):
     def write(self, cur: psycopg.Cursor, items: list[Routed]) -> list[Refusal]:
         self._announcements = []
         refused = []
+        # Held reports are rare: find the batch's in one query, not one per hello.
+        self._asked = {key for item in items for key in _possible_keys(item)}
+        self._held = store.held_report_keys(cur, self._asked)
         for item in items:
             try:
                 if item.kind == HELLO:
@@ -80,7 +85,10 @@ class NodeRegistry(BatchConsumer):
         else:
             self._announcements.append(("node_updated", {
                 "node_uid": result.uid, "hardware_id": hello.hardware_id, "changed": list(result.changed)}))
-        for held in store.take_held_reports(cur, {hello.hardware_id, result.uid}):
+        keys = {hello.hardware_id, result.uid}
+        if keys <= self._asked:
+            keys &= self._held  # known from the batch's query
+        for held in store.take_held_reports(cur, keys) if keys else ():
             self._apply_report(cur, held["node_key"], held["gh"], held["zone"], held["topic"],
                                held["payload"], float(held["received_at"]))
 
@@ -90,6 +98,7 @@ class NodeRegistry(BatchConsumer):
                                             temp=protocol.is_temp(gh, zone), topic=topic,
                                             config=report, received_at=received_at)
         if outcome.uid is None:
+            self._held.add(node_key)
             self._announcements.append(("config_report_held", {"node_key": node_key, "topic": topic}))
             return
         for version in outcome.applied_versions:
@@ -97,3 +106,17 @@ class NodeRegistry(BatchConsumer):
         if outcome.bound_to is not None:
             self._announcements.append(("node_bound", {"node_uid": outcome.uid, "gh_uid": outcome.bound_to[0],
                                                       "zone_uid": outcome.bound_to[1]}))
+
+
+def _possible_keys(item: Routed) -> tuple[str, ...]:
+    """The node keys a hello could have a report held under: its hardware id, and its uid
+    (found only once registered, so every uid-shaped key of the batch is asked for)."""
+    if item.kind != HELLO:
+        return ()
+    try:
+        hello = protocol.decode(item.payload, NodeHello)
+    except Rejected:
+        return ()
+    node_type = protocol.normalise_type(hello.node_type)
+    return tuple(k for k in (hello.hardware_id, protocol.provisioned_uid(hello),
+                             protocol.base_uid(hello.hardware_id, node_type)) if k)

@@ -127,3 +127,18 @@ def test_a_bad_hello_is_dead_lettered_and_the_next_one_still_registers(make_daem
     assert reasons == ["bad_json", "bad_payload", "bad_payload"]
     assert len(daemon.events("message_rejected")) == 3
     assert query(database, "SELECT payload FROM dead_letters WHERE reason = 'bad_json'")[0][0] == b"{not json"
+
+
+def test_a_held_report_for_a_suffixed_uid_is_applied_when_that_node_registers(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    publish(broker.port, [("hydro/node_hello", hello("esp32-a1b2c3d4e5f6"))])
+    wait_until(lambda: node_rows(database), what="first node")
+    # A report naming the uid the next colliding node will get, before that node says hello.
+    report = {"node_id": "nd-ph-a1b2c3d4e5f6-1", "version": 3, "channels": []}
+    publish(broker.port, [("hydro/gh-1/zn-1/nd-ph-a1b2c3d4e5f6-1/config_report", report)])
+    daemon.wait_for("config_report_held", node_key="nd-ph-a1b2c3d4e5f6-1")
+    publish(broker.port, [("hydro/node_hello", hello("ESP32:A1:B2:C3:D4:E5:F6"))])
+    wait_until(lambda: query(database, "SELECT config FROM nodes WHERE uid = 'nd-ph-a1b2c3d4e5f6-1'"
+                                       " AND config IS NOT NULL"), what="held report applied")
+    assert query(database, "SELECT count(*) FROM held_config_reports")[0][0] == 0
