@@ -80,8 +80,10 @@ def test_a_database_outage_is_reported_holds_messages_unacknowledged_in_bounded_
         assert status == 200
         return text
 
-    acked_before = wait_until(lambda: metric_value(metrics(), "hydrod_messages_acked_total") or None,
-                              10, "acknowledgements counted")
+    # Every committed message acknowledged (the hello and 1000 samples) before the cut:
+    # from then on the count must not move until the database is back.
+    acked_before = wait_until(lambda: metric_value(metrics(), "hydrod_messages_acked_total") == 1001 and 1001,
+                              10, "acknowledgements of what was committed")
     mark = daemon.mark()
     proxy.cut()
     cut_at = time.monotonic()
