@@ -184,3 +184,24 @@ def test_push_config_refuses_a_uid_that_is_no_uid_cleanly(make_daemon, broker, d
     result = subprocess.run([sys.executable, "-m", "hydrod", "push-config", "nd ph/../x?y", str(body),
                              "--config", str(daemon.config_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "404" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_queued_push_survives_a_daemon_restart_and_goes_out_when_the_link_is_up(make_daemon, broker, database):
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    node = dict(client_id="node-a1b2", clean_start=False, session_expiry=3600)
+    with Subscriber(broker.port, TEMP_TOPIC, **node):
+        pass
+    broker.stop()
+    daemon.wait_for("mqtt_disconnected")
+    status, body = daemon.http("POST", f"/api/nodes/{UID}/config",
+                               json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+    assert (status, body["status"]) == (202, "queued")
+    assert daemon.terminate() == 0
+    broker.restart()
+    again = make_daemon(mqtt={"client_id": daemon.config["mqtt"]["client_id"]})
+    again.wait_for("config_published", node_uid=UID, timeout=20)
+    assert config_rows(database)[0][1] == "published"
+    with Subscriber(broker.port, TEMP_TOPIC, **node) as sub:
+        [delivered] = sub.wait_for(1)
+    assert delivered.json()["version"] == 1
