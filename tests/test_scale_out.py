@@ -24,3 +24,33 @@ def test_two_instances_in_one_shared_group_store_every_sample_once(make_daemon, 
     assert all(share and share > 0 for share in shares), shares  # both took a share
     assert sum(shares) == 2000
     assert query(database, "SELECT count(*) FROM dead_letters")[0][0] == 0
+
+
+def test_two_instances_registering_the_same_nodes_at_once_agree_on_every_uid(make_daemon, broker, database):
+    first = make_daemon(mqtt={"shared_group": "hydrod", "client_id": "hydrod-a"})
+    second = make_daemon(mqtt={"shared_group": "hydrod", "client_id": "hydrod-b"})
+    first.wait_ready()
+    second.wait_ready()
+
+    def hello(hardware_id):
+        return ("hydro/node_hello", {"message_type": "node_hello", "hardware_id": hardware_id,
+                                     "node_type": "ph", "fw_version": "1.0.0", "capabilities": ["ph"]})
+
+    # 40 nodes, each saying hello 4 times, plus 40 more whose ids collide on the same uids
+    # (separators differ): both instances take a share of each.
+    plain = [f"esp32-{i:012x}" for i in range(40)]
+    colliding = [":".join(h[6:][j:j + 2] for j in range(0, 12, 2)) for h in plain]
+    publish(broker.port, [hello(h) for _ in range(4) for h in plain] + [hello(h) for h in colliding])
+    wait_until(lambda: query(database, "SELECT count(*) FROM nodes")[0][0] >= 80, 20, "80 nodes")
+    def stored_by(daemon):
+        text = daemon.http("GET", "/metrics")[1]
+        return metric_value(text, "hydrod_messages_stored_total", actor="node_registry") or 0
+
+    # Every one of the 200 hellos stored by one instance or the other.
+    wait_until(lambda: stored_by(first) + stored_by(second) == 200, 20, "all 200 hellos processed")
+    rows = query(database, "SELECT hardware_id, uid FROM nodes")
+    assert len(rows) == 80 and len({uid for _, uid in rows}) == 80
+    uids = dict(rows)
+    for h, c in zip(plain, colliding):
+        assert {uids[h], uids[c]} == {f"nd-ph-{h[6:]}", f"nd-ph-{h[6:]}-1"}
+    assert query(database, "SELECT count(*) FROM dead_letters")[0][0] == 0
