@@ -24,6 +24,23 @@ def config_rows(dsn):
     return query(dsn, "SELECT version, status, topic, config FROM node_configs ORDER BY version")
 
 
+NODE_SESSION = dict(client_id="node-a1b2", clean_start=False, session_expiry=3600)
+
+
+def push_with_the_broker_down(daemon, broker, database):
+    """Register the node, give it a persistent session (so the broker keeps what is
+    published for it), stop the broker, and push a binding config: it is queued."""
+    register(daemon, broker, database)
+    with Subscriber(broker.port, TEMP_TOPIC, **NODE_SESSION):
+        pass
+    broker.stop()
+    daemon.wait_for("mqtt_disconnected")
+    status, body = daemon.http("POST", f"/api/nodes/{UID}/config",
+                               json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+    assert (status, body["status"]) == (202, "queued")
+    assert config_rows(database)[0][1] == "queued"
+
+
 def test_binding_an_unbound_node_goes_through_the_temp_topic_and_completes_on_its_report(
         make_daemon, broker, database):
     daemon = make_daemon()
@@ -76,21 +93,11 @@ def test_an_unacknowledged_config_times_out(make_daemon, broker, database):
 def test_a_push_while_the_broker_is_down_is_queued_and_published_when_it_returns(
         make_daemon, broker, database):
     daemon = make_daemon()
-    register(daemon, broker, database)
-    # The node's side: a persistent session, so the broker keeps what is published for it.
-    node = dict(client_id="node-a1b2", clean_start=False, session_expiry=3600)
-    with Subscriber(broker.port, TEMP_TOPIC, **node):
-        pass
-    broker.stop()
-    daemon.wait_for("mqtt_disconnected")
-    status, body = daemon.http("POST", f"/api/nodes/{UID}/config",
-                               json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
-    assert status == 202 and body["status"] == "queued"
-    assert config_rows(database)[0][1] == "queued"
+    push_with_the_broker_down(daemon, broker, database)
     broker.restart()
     daemon.wait_for("config_published", node_uid=UID, timeout=20)
     assert config_rows(database)[0][1] == "published"
-    with Subscriber(broker.port, TEMP_TOPIC, **node) as sub:
+    with Subscriber(broker.port, TEMP_TOPIC, **NODE_SESSION) as sub:
         [delivered] = sub.wait_for(1)
     assert delivered.json()["version"] == 1 and delivered.json()["gh_uid"] == "gh-1"
 
@@ -188,20 +195,12 @@ def test_push_config_refuses_a_uid_that_is_no_uid_cleanly(make_daemon, broker, d
 
 def test_a_queued_push_survives_a_daemon_restart_and_goes_out_when_the_link_is_up(make_daemon, broker, database):
     daemon = make_daemon()
-    register(daemon, broker, database)
-    node = dict(client_id="node-a1b2", clean_start=False, session_expiry=3600)
-    with Subscriber(broker.port, TEMP_TOPIC, **node):
-        pass
-    broker.stop()
-    daemon.wait_for("mqtt_disconnected")
-    status, body = daemon.http("POST", f"/api/nodes/{UID}/config",
-                               json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
-    assert (status, body["status"]) == (202, "queued")
+    push_with_the_broker_down(daemon, broker, database)
     assert daemon.terminate() == 0
     broker.restart()
     again = make_daemon(mqtt={"client_id": daemon.config["mqtt"]["client_id"]})
     again.wait_for("config_published", node_uid=UID, timeout=20)
     assert config_rows(database)[0][1] == "published"
-    with Subscriber(broker.port, TEMP_TOPIC, **node) as sub:
+    with Subscriber(broker.port, TEMP_TOPIC, **NODE_SESSION) as sub:
         [delivered] = sub.wait_for(1)
     assert delivered.json()["version"] == 1
