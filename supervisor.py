@@ -288,9 +288,9 @@ class Daemon:
             pass
 
     def log_stats(self) -> None:
-        pending = self.specs["mqtt_io"].address
-        log.info("stats", **self.metrics.summary(), held_for_restart=sum(s.address.held for s in self.specs.values()),
-                 mqtt_restarting=pending.ref is None)
+        log.info("stats", **self.metrics.summary(),
+                 held_for_restart=sum(spec.address.held for spec in self.specs.values()),
+                 restarting=[name for name, spec in self.specs.items() if spec.address.ref is None])
 
     def shutdown(self) -> None:
         """Drain and stop, in reverse order; every wait bounded by shutdown_timeout_s."""

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from hydrod import settings
 from hydrod.errors import ConfigError
@@ -41,7 +42,7 @@ def test_every_problem_is_reported_at_once_naming_the_key():
 
 def test_settings_are_frozen():
     loaded = settings.Settings()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         loaded.mqtt.port = 1  # type: ignore[misc]
 
 
