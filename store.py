@@ -291,6 +291,7 @@ def find_node(cur: psycopg.Cursor, node_key: str, lock: bool = False) -> dict[st
 def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: str, temp: bool,
                         topic: str, config: dict[str, Any], received_at: float) -> ReportOutcome:
     """Keep a node's reported config; acknowledge pushes; complete a pending bind."""
+    lock_node_keys(cur, [node_key])
     node = find_node(cur, node_key, lock=True)
     if node is None:
         cur.execute(
@@ -318,25 +319,32 @@ def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: st
     applied = cur.fetchall()
     # A bind completes when the node reports from the gh/zone a config sent it to.
     bound_to = (gh, zone) if node["gh_uid"] is None and not temp and applied else None
+    # A held report applied late must not replace a newer one.
     cur.execute(
-        "UPDATE nodes SET config = %s, config_reported_at = %s, status = 'online',"
+        "UPDATE nodes SET config = CASE WHEN config_reported_at IS NULL OR config_reported_at <= %s"
+        "   THEN %s ELSE config END,"
+        " config_reported_at = greatest(config_reported_at, %s), status = 'online',"
         " last_seen_at = greatest(last_seen_at, %s), updated_at = now(),"
         " gh_uid = coalesce(%s, gh_uid), zone_uid = coalesce(%s, zone_uid),"
         " lifecycle_state = CASE WHEN %s AND lifecycle_state IN"
         "   ('MANUFACTURED', 'UNPROVISIONED', 'PROVISIONED_WIFI', 'REGISTERED_BACKEND')"
         "   THEN 'ASSIGNED_TO_ZONE' ELSE lifecycle_state END"
         " WHERE id = %s",
-        (Jsonb(config), _ts(received_at), _ts(received_at),
+        (_ts(received_at), Jsonb(config), _ts(received_at), _ts(received_at),
          bound_to[0] if bound_to else None, bound_to[1] if bound_to else None,
          bound_to is not None, node["id"]),
     )
     return ReportOutcome(node["uid"], tuple(int(row[0]) for row in applied), bound_to)
 
 
-def held_report_keys(cur: psycopg.Cursor, keys: Iterable[str]) -> set[str]:
-    """Which of these node keys have a held config_report (one query for a whole batch)."""
-    cur.execute("SELECT node_key FROM held_config_reports WHERE node_key = ANY(%s)", (list(keys),))
-    return {row[0] for row in cur.fetchall()}
+NODE_KEY_LOCK = 0x6879  # advisory lock namespace: one lock per node key (uid or hardware id)
+
+
+def lock_node_keys(cur: psycopg.Cursor, keys: Iterable[str]) -> None:
+    """Serialise, across hydrod instances, holding a report for a node key and
+    registering the node under it: neither can miss the other (until commit)."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(k)) FROM unnest(%s::text[]) AS k ORDER BY k",
+                (NODE_KEY_LOCK, sorted(set(keys))))
 
 
 def take_held_reports(cur: psycopg.Cursor, keys: Iterable[str]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ import pykka
 import structlog
 
 from . import protocol, store
-from .actors.base import (ActorFailed, Address, Backoff, Context, Deliver, Flush, Health, Ticker,
+from .actors.base import (ActorFailed, ActorUnavailable, Address, Backoff, Context, Deliver, Flush, Health, Ticker,
                           tell_later)
 from .actors.config_publisher import ConfigPublisher
 from .actors.db_writer import DbWriter
@@ -128,17 +128,17 @@ class SupervisorActor(pykka.ThreadingActor):
     def _replay_or_dead_letter(self, failure: ActorFailed) -> tuple[Any, ...]:
         """The failed message goes first to the replacement, unless it keeps failing.
 
-        A batch is split in two at once (replaying is harmless: every write is
-        idempotent), so a poison message is cornered in log2(n) restarts; a single
-        message that fails max_message_failures times is dead-lettered.
+        A batch is split into single messages at once, each handled alone
+        (replaying is harmless: the writes are idempotent), so a poison message is
+        cornered in 1 + max_message_failures restarts, within the restart budget;
+        a single message that fails max_message_failures times is dead-lettered.
         """
         message = failure.message
         if message is None:
             return ()
         if isinstance(message, Deliver) and len(message.items) > 1:
-            middle = len(message.items) // 2
             log.warning("poison_batch_split", failed_actor=failure.name, items=len(message.items))
-            return (Deliver(message.items[:middle], alone=True), Deliver(message.items[middle:], alone=True))
+            return tuple(Deliver((item,), alone=True) for item in message.items)
         now = time.monotonic()
         for stale in [k for k, (_, _, at) in self._message_failures.items()
                       if at < now - self.settings.restart_window_s]:
@@ -268,7 +268,10 @@ class Daemon:
         except Exception as exc:
             ref.stop(block=False)
             raise StartupError(f"actor {spec.name} did not start: {_cause(exc)}") from exc
-        spec.address.attach(ref, replay_first=replay_first, replay=replay)
+        try:
+            spec.address.attach(ref, replay_first=replay_first, replay=replay)
+        except ActorUnavailable as exc:
+            raise StartupError(f"actor {spec.name} did not start: {exc}") from exc
         log.info("actor_started", started_actor=spec.name)
         return ref
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pykka
 import structlog
+from pykka._envelope import Envelope  # the leftovers are envelopes already
 
 from ..protocol import Routed
 
@@ -113,12 +114,16 @@ class Address:
         incarnation had queued), then what was told to the address meanwhile.
         """
         with self._lock:
+            # Checked once, under the lock: if the actor dies after this, its on_failure
+            # waits for the lock in detach() and then takes all of it back.
+            if not ref.is_alive():
+                raise ActorUnavailable(f"{self.name} died before it could take its messages")
             for message in replay_first:
-                ref.tell(message)
+                ref.actor_inbox.put(Envelope(message))
             for envelope in replay:
                 ref.actor_inbox.put(envelope)
             for message in self._held:
-                ref.tell(message)
+                ref.actor_inbox.put(Envelope(message))
             self._held.clear()
             self._ref = ref
 

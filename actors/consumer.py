@@ -48,6 +48,8 @@ class _Retry:
 
 # Data the database refuses for one row, not for the whole service.
 DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
+# serialization_failure, deadlock_detected: another writer got in the way; try again.
+CONFLICTS = ("40001", "40P01")
 
 
 class BatchConsumer(SupervisedActor):
@@ -154,7 +156,8 @@ class BatchConsumer(SupervisedActor):
         The suspect is the Deliver being handled when the actor died before taking
         it in; when it died later (while writing), the whole pending batch is."""
         current = self._current
-        held = (Deliver(tuple(self._pending)),) if self._pending else ()
+        uncommitted = tuple(item for item in self._pending if item.seq not in self._settled_now)
+        held = (Deliver(uncommitted),) if uncommitted else ()
         if isinstance(current, Deliver) and current is not self._absorbed:
             return current, held
         return (held[0] if held else None), ()
@@ -192,10 +195,14 @@ class BatchConsumer(SupervisedActor):
             try:
                 self._write_chunk(chunk)
                 return
-            except psycopg.errors.TransactionRollback as exc:
-                if attempt == attempts:
+            except psycopg.OperationalError as exc:
+                if exc.sqlstate not in CONFLICTS or attempt == attempts:
                     raise
                 self.log.info("db_conflict_retried", error=str(exc).strip().splitlines()[0], attempt=attempt)
+                # Halves of a bisected chunk may be committed already.
+                chunk = [item for item in chunk if item.seq not in self._settled_now]
+                if not chunk:
+                    return
 
     def _write_chunk(self, chunk: list[Routed]) -> None:
         started = time.perf_counter()

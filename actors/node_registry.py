@@ -29,8 +29,7 @@ class NodeRegistry(BatchConsumer):
     def __init__(self, context, **kwargs):
         super().__init__(context, **kwargs)
         self._announcements: list[tuple[str, dict[str, Any]]] = []
-        self._held: set[str] = set()  # node keys with a held config_report, in this batch
-        self._asked: set[str] = set()  # the keys that batch query covered
+        self._created: set[str] = set()  # keys (hardware id, uid) of the nodes this batch created
 
     def handle_other(self, message: Any) -> Any:
         match message:
@@ -42,10 +41,8 @@ class NodeRegistry(BatchConsumer):
 
     def write(self, cur: psycopg.Cursor, items: list[Routed]) -> list[Refusal]:
         self._announcements = []
+        self._created = set()
         refused = []
-        # Held reports are rare: find the batch's in one query, not one per hello.
-        self._asked = {key for item in items for key in _possible_keys(item)}
-        self._held = store.held_report_keys(cur, self._asked)
         for item in items:
             try:
                 if item.kind == HELLO:
@@ -57,6 +54,14 @@ class NodeRegistry(BatchConsumer):
                     raise Rejected(protocol.UNKNOWN_TOPIC, f"the registry does not take `{item.kind}`")
             except Rejected as exc:
                 refused.append(Refusal(item, exc.reason, exc.detail))
+        if self._created:
+            # Reports held for the nodes this batch created: found once for the batch,
+            # under the node keys' locks, so a report another instance is holding
+            # right now is either seen here or finds the node itself.
+            store.lock_node_keys(cur, self._created)
+            for held in store.take_held_reports(cur, self._created):
+                self._apply_report(cur, held["node_key"], held["gh"], held["zone"], held["topic"],
+                                   held["payload"], float(held["received_at"]))
         return refused
 
     def committed(self) -> None:
@@ -79,18 +84,13 @@ class NodeRegistry(BatchConsumer):
             base=protocol.base_uid(hello.hardware_id, node_type), seen_at=item.received_at,
         )
         if result.created:
+            self._created.update((hello.hardware_id, result.uid))
             self._announcements.append(("node_registered", {
                 "node_uid": result.uid, "hardware_id": hello.hardware_id, "node_type": node_type,
                 "fw_version": hello.fw_version}))
         else:
             self._announcements.append(("node_updated", {
                 "node_uid": result.uid, "hardware_id": hello.hardware_id, "changed": list(result.changed)}))
-        keys = {hello.hardware_id, result.uid}
-        if keys <= self._asked:
-            keys &= self._held  # known from the batch's query
-        for held in store.take_held_reports(cur, keys) if keys else ():
-            self._apply_report(cur, held["node_key"], held["gh"], held["zone"], held["topic"],
-                               held["payload"], float(held["received_at"]))
 
     def _apply_report(self, cur: psycopg.Cursor, node_key: str, gh: str, zone: str, topic: str,
                       report: dict[str, Any], received_at: float) -> None:
@@ -98,7 +98,6 @@ class NodeRegistry(BatchConsumer):
                                             temp=protocol.is_temp(gh, zone), topic=topic,
                                             config=report, received_at=received_at)
         if outcome.uid is None:
-            self._held.add(node_key)
             self._announcements.append(("config_report_held", {"node_key": node_key, "topic": topic}))
             return
         for version in outcome.applied_versions:
@@ -107,16 +106,3 @@ class NodeRegistry(BatchConsumer):
             self._announcements.append(("node_bound", {"node_uid": outcome.uid, "gh_uid": outcome.bound_to[0],
                                                       "zone_uid": outcome.bound_to[1]}))
 
-
-def _possible_keys(item: Routed) -> tuple[str, ...]:
-    """The node keys a hello could have a report held under: its hardware id, and its uid
-    (found only once registered, so every uid-shaped key of the batch is asked for)."""
-    if item.kind != HELLO:
-        return ()
-    try:
-        hello = protocol.decode(item.payload, NodeHello)
-    except Rejected:
-        return ()
-    node_type = protocol.normalise_type(hello.node_type)
-    return tuple(k for k in (hello.hardware_id, protocol.provisioned_uid(hello),
-                             protocol.base_uid(hello.hardware_id, node_type)) if k)
