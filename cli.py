@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None, fault_hook=None) -> int:
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    logs.configure()  # JSON from the first line, a config error included
     try:
         config = settings_module.load(args.config)
         logs.configure(config.logging.level, config.logging.format)
@@ -91,7 +92,7 @@ def nodes(config, args) -> int:
             rows = store.list_nodes(conn)
     except psycopg.Error as exc:
         from .errors import DatabaseUnavailable
-        raise DatabaseUnavailable(f"cannot read nodes: {str(exc).strip()}") from None
+        raise DatabaseUnavailable(f"cannot read nodes: {str(exc).strip().splitlines()[0]}") from None
     if args.json:
         for row in rows:
             print(json.dumps(row, default=str))

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .errors import ConfigError
 
-Seconds = Annotated[float, Field(gt=0)]
+# A duration: positive, finite, and at most ten years (PostgreSQL intervals and
+# timers must be able to hold it).
+Seconds = Annotated[float, Field(gt=0, le=10 * 365 * 86400, allow_inf_nan=False)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 

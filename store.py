@@ -380,28 +380,35 @@ def keep_node_secret(cur: psycopg.Cursor, node_id: int, secret: str) -> None:
     cur.execute("UPDATE nodes SET node_secret = %s, updated_at = now() WHERE id = %s", (secret, node_id))
 
 
-def record_config(cur: psycopg.Cursor, *, node_id: int, version: int, config: dict[str, Any],
-                  payload: bytes, topic: str) -> int:
+def record_config(cur: psycopg.Cursor, *, node_id: int, version: int, payload: bytes, topic: str) -> int:
+    """`config` is the published bytes themselves, as jsonb: exactly what went out."""
+    text = payload.decode()
     cur.execute(
         "INSERT INTO node_configs (node_id, version, config, payload, topic, status)"
-        " VALUES (%s, %s, %s, %s, %s, 'queued') RETURNING id",
-        (node_id, version, Jsonb(config), payload.decode(), topic),
+        " VALUES (%s, %s, %s::jsonb, %s, %s, 'queued') RETURNING id",
+        (node_id, version, text, text, topic),
     )
     return int(cur.fetchone()[0])
 
 
-def mark_published(cur: psycopg.Cursor, config_ids: Iterable[int]) -> None:
+def mark_published(cur: psycopg.Cursor, config_id: int, topic: str) -> None:
     cur.execute(
-        "UPDATE node_configs SET status = 'published', published_at = now()"
-        " WHERE id = ANY(%s) AND status = 'queued'",
-        (list(config_ids),),
+        "UPDATE node_configs SET status = 'published', published_at = now(), topic = %s"
+        " WHERE id = %s AND status = 'queued'",
+        (topic, config_id),
     )
 
 
 def queued_configs(cur: psycopg.Cursor) -> list[tuple[int, str, int, str, bytes]]:
-    """(config id, node uid, version, topic, payload) of every config not yet taken by the broker."""
-    cur.execute("SELECT c.id, n.uid, c.version, c.topic, c.payload FROM node_configs c"
-                " JOIN nodes n ON n.id = c.node_id WHERE c.status = 'queued' ORDER BY c.id")
+    """(config id, node uid, version, topic, payload) of every config not yet taken by the broker.
+
+    The topic is worked out again: a node bound since the push listens on its own
+    namespace now, not on the temp one the push was recorded for."""
+    cur.execute("SELECT c.id, n.uid, c.version,"
+                "   CASE WHEN n.gh_uid IS NULL THEN c.topic"
+                "        ELSE 'hydro/' || n.gh_uid || '/' || n.zone_uid || '/' || n.uid || '/config' END,"
+                "   c.payload"
+                " FROM node_configs c JOIN nodes n ON n.id = c.node_id WHERE c.status = 'queued' ORDER BY c.id")
     return [(row[0], row[1], int(row[2]), row[3], row[4].encode()) for row in cur.fetchall()]
 
 

@@ -10,6 +10,7 @@ config not applied within `config_ack_timeout_s` becomes `timeout`.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -26,10 +27,14 @@ from .mqtt_io import Publish
 
 @dataclass(frozen=True)
 class PushConfig:
-    """Ask (HTTP API): push `body` to node `uid`; returns PushResult or raises PushRefused."""
+    """Ask (HTTP API): push `body` to node `uid`; returns PushResult or raises PushRefused.
+
+    `deadline` (time.monotonic()): the asker gives up then, so the push must not
+    happen after it: a caller told "busy" must be able to retry without pushing twice."""
 
     uid: str
     body: Any
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class NodeConfigBody(msgspec.Struct):
 
     channels: list[Any]
     node_id: str | None = None
-    version: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
+    version: Annotated[int, msgspec.Meta(ge=1, le=2**53)] | None = None  # JSON-safe integers
     type: str | None = None
     mqtt: dict[str, Any] | None = None
     gh_uid: str | None = None
@@ -80,6 +85,7 @@ class NodeConfigBody(msgspec.Struct):
 
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch
+_FILLED = frozenset({"node_id", "type", "mqtt", "node_secret", "version", "gh_uid", "zone_uid"})
 _SECRET = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -103,7 +109,13 @@ def build_config(node: dict[str, Any], body: Any) -> tuple[dict[str, Any], str]:
     if (checked.gh_uid is None) != (checked.zone_uid is None):
         raise PushRefused(400, "invalid NodeConfig: `gh_uid` and `zone_uid` go together")
 
-    config = dict(body)
+    if node["lifecycle_state"] == "DECOMMISSIONED":
+        raise PushRefused(409, f"node {node['uid']} is decommissioned")
+    if checked.version is not None and checked.version <= node["last_version"]:
+        raise PushRefused(409, f"`version` {checked.version} is not above the last pushed, "
+                               f"{node['last_version']} - at `$.version`")
+    # A field given as null is filled in like a missing one: the firmware refuses nulls.
+    config = {key: value for key, value in body.items() if value is not None or key not in _FILLED}
     if node["gh_uid"] is None:
         if checked.gh_uid is None:
             raise PushRefused(409, f"node {node['uid']} is not bound to a zone: the config must name "
@@ -156,8 +168,8 @@ class ConfigPublisher(SupervisedActor):
 
     def handle(self, message: Any) -> Any:
         match message:
-            case PushConfig(uid, body):
-                return self._push(uid, body)
+            case PushConfig(uid, body, deadline):
+                return self._push(uid, body, deadline)
             case LinkChanged(up):
                 self.link_up = up
                 self._in_flight.clear()
@@ -175,19 +187,33 @@ class ConfigPublisher(SupervisedActor):
                 raise TypeError(f"ConfigPublisher does not handle {type(message).__name__}")
         return None
 
-    def _push(self, uid: str, body: Any) -> PushResult:
-        with self.pool.connection(timeout=5) as conn, conn.transaction():
+    def _push(self, uid: str, body: Any, deadline: float) -> PushResult:
+        too_late = PushRefused(503, "hydrod is busy: the push was not made; it is safe to retry")
+        left = deadline - time.monotonic()
+        if left <= 0.05:
+            raise too_late
+        with self.pool.connection(timeout=left) as conn, conn.transaction():
             with conn.cursor() as cur:
-                node = store.node_for_push(cur, uid)
+                # A node row locked by another writer must not hold the push past its deadline.
+                cur.execute(f"SET LOCAL lock_timeout = {max(int(left * 1000) - 50, 1)}")
+                try:
+                    node = store.node_for_push(cur, uid)
+                except psycopg.errors.LockNotAvailable:
+                    raise too_late from None
                 if node is None:
                     raise PushRefused(404, f"no node with uid {uid}")
                 config, topic = build_config(node, body)
                 if config["node_secret"] != node["node_secret"]:
                     # An operator's secret replaces the generated one, and is kept from now on.
                     store.keep_node_secret(cur, node["id"], config["node_secret"])
-                payload = msgspec.json.encode(config)
+                try:
+                    payload = msgspec.json.encode(config)
+                except (msgspec.EncodeError, UnicodeEncodeError, OverflowError) as exc:
+                    raise PushRefused(400, f"invalid NodeConfig: cannot be encoded as JSON ({exc})") from None
                 config_id = store.record_config(cur, node_id=node["id"], version=int(config["version"]),
-                                                config=config, payload=payload, topic=topic)
+                                                payload=payload, topic=topic)
+                if time.monotonic() > deadline:
+                    raise too_late  # rolls the transaction back
         version = int(config["version"])
         self.log.info("config_queued", node_uid=uid, version=version, topic=topic, link_up=self.link_up)
         if self.link_up:
@@ -214,7 +240,7 @@ class ConfigPublisher(SupervisedActor):
         self._in_flight.discard(acked.config_id)
         try:
             with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
-                store.mark_published(cur, [acked.config_id])
+                store.mark_published(cur, acked.config_id, acked.topic)
         except psycopg.OperationalError as exc:
             # Still `queued` in the database: it is published again later, which the node tolerates.
             self._database(exc, doing="mark config published")
@@ -226,7 +252,8 @@ class ConfigPublisher(SupervisedActor):
         try:
             with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
                 expired = store.expire_configs(cur, self.ack_timeout_s)
-                queued = store.queued_configs(cur) if self.link_up else []
+                # Not only when link_up: a restarted publisher has not heard of the link yet.
+                queued = store.queued_configs(cur)
         except psycopg.OperationalError as exc:
             self._database(exc, doing="expire unacknowledged configs")
             return  # the schedule goes on: the next round tries again

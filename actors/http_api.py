@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
+import re
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
 import pykka
-from werkzeug.exceptions import HTTPException, NotFound
+import structlog
+from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 from werkzeug.routing import Map, Rule
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
@@ -56,7 +60,7 @@ class Api:
         ])
 
     def __call__(self, environ, start_response):
-        request = Request(environ)
+        request = _Request(environ)
         try:
             endpoint, args = self.urls.bind_to_environ(environ).match()
             if endpoint in ("nodes", "node", "push") and not self._authorised(request):
@@ -68,31 +72,40 @@ class Api:
             response = _json({"error": exc.description}, exc.code)
         except (ActorUnavailable, pykka.Timeout) as exc:
             response = _json({"error": f"hydrod is busy or restarting: {exc or 'timed out'}"}, 503)
-        except psycopg.Error as exc:
-            response = _json({"error": f"database unavailable: {str(exc).strip() or type(exc).__name__}"}, 503)
+        except psycopg.OperationalError as exc:
+            first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            response = _json({"error": f"database unavailable: {first_line}"}, 503)
+        except Exception:  # a bug: answer in JSON, keep the traceback in the log
+            _log.exception("http_request_failed", path=request.path, method=request.method)
+            response = _json({"error": "internal error; see hydrod's log (event http_request_failed)"}, 500)
         return response(environ, start_response)
 
     def _authorised(self, request: Request) -> bool:
         if not self.token:
             return True
-        given = request.headers.get("Authorization", "")
-        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.token.encode())
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
 
     def on_nodes(self, request: Request) -> Response:
         return _json(self.peers.registry.ask(ListNodes(), self.ask_timeout))
 
     def on_node(self, request: Request, uid: str) -> Response:
+        if not _UID.fullmatch(uid):
+            raise NotFound(f"no node with uid {uid!r}")
         found = self.peers.registry.ask(ListNodes(uid), self.ask_timeout)
         if not found:
             raise NotFound(f"no node with uid {uid}")
         return _json(found[0])
 
     def on_push(self, request: Request, uid: str) -> Response:
-        if (request.content_length or 0) > MAX_BODY:
-            return _json({"error": f"body over {MAX_BODY} bytes"}, 413)
-        raw = request.get_data(cache=False) or b"null"
+        if not _UID.fullmatch(uid):
+            raise NotFound(f"no node with uid {uid!r}")
         try:
-            body = json.loads(raw, parse_constant=_no_constant)
+            raw = request.get_data(cache=False) or b"null"
+        except RequestEntityTooLarge:  # chunked or not
+            return _json({"error": f"body too large: over {MAX_BODY} bytes"}, 413)
+        try:
+            body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, UnicodeDecodeError) as exc:
             return _json({"error": f"body is not JSON: {exc}"}, 400)
         except RecursionError:
@@ -100,7 +113,8 @@ class Api:
         if b"\\u0000" in raw:
             return _json({"error": "body contains a NUL character (\\u0000), which a config cannot carry"}, 400)
         try:
-            result = self.peers.config_publisher.ask(PushConfig(uid, body), self.ask_timeout)
+            result = self.peers.config_publisher.ask(
+                PushConfig(uid, body, deadline=time.monotonic() + self.ask_timeout - 0.2), self.ask_timeout)
         except PushRefused as exc:
             return _json({"error": exc.message}, exc.status)
         return _json({"node_uid": result.node_uid, "version": result.version, "topic": result.topic,
@@ -131,6 +145,21 @@ class Api:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+class _Request(Request):
+    max_content_length = MAX_BODY  # Werkzeug answers 413 past it, with or without Content-Length
+
+
+_UID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # anything else names no node
+_log = structlog.get_logger("hydrod", actor="http_api")
 
 
 def _json(data: Any, status: int = 200) -> Response:

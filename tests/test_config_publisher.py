@@ -123,6 +123,10 @@ def test_push_errors_name_what_is_wrong(make_daemon, broker, database):
         (b'{"channels": [], "gh_uid": "gh-1\\n", "zone_uid": "zn-1"}', 400, "$.gh_uid"),
         (b'{"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "node_secret": "' + b"a" * 65 + b'"}', 400,
          "$.node_secret"),
+        (b'{"channels": [1e400], "gh_uid": "gh-1", "zone_uid": "zn-1"}', 400, "out of range"),
+        (b'{"channels": ["\\ud800"], "gh_uid": "gh-1", "zone_uid": "zn-1"}', 400, "encoded"),
+        (b'{"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "pad": "' + b"x" * 300_000 + b'"}', 413,
+         "large"),
     ]
     for body, want_status, want_text in cases:
         status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", body=body)
@@ -130,6 +134,8 @@ def test_push_errors_name_what_is_wrong(make_daemon, broker, database):
         assert want_text in answer["error"], (body, answer)
     status, answer = daemon.http("POST", "/api/nodes/nd-ph-nobody/config", json={"channels": []})
     assert status == 404 and "nd-ph-nobody" in answer["error"]
+    assert daemon.http("POST", "/api/nodes/nd%00x/config", json={"channels": []})[0] == 404
+    assert daemon.http("GET", "/api/nodes/nd%00x")[0] == 404
     assert config_rows(database) == []
 
 
@@ -204,3 +210,45 @@ def test_a_queued_push_survives_a_daemon_restart_and_goes_out_when_the_link_is_u
     with Subscriber(broker.port, TEMP_TOPIC, **NODE_SESSION) as sub:
         [delivered] = sub.wait_for(1)
     assert delivered.json()["version"] == 1
+
+
+def test_fields_given_as_null_are_filled_in_and_versions_only_go_up(make_daemon, broker, database):
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    nulls = {"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "node_id": None, "type": None,
+             "mqtt": None, "node_secret": None, "version": None}
+    with Subscriber(broker.port, TEMP_TOPIC) as sub:
+        assert daemon.http("POST", f"/api/nodes/{UID}/config", json=nulls)[0] == 202
+        assert daemon.http("POST", f"/api/nodes/{UID}/config", json=nulls)[0] == 202
+        first, second = (m.json() for m in sub.wait_for(2))
+    assert (first["node_id"], first["type"], first["mqtt"], first["version"]) == (UID, "ph", {"configured": True}, 1)
+    assert len(first["node_secret"]) == 64 and second["node_secret"] == first["node_secret"]
+    assert second["version"] == 2
+    status, answer = daemon.http("POST", f"/api/nodes/{UID}/config",
+                                 json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "version": 2})
+    assert status == 409 and "$.version" in answer["error"]
+
+
+def test_a_decommissioned_node_gets_no_config(make_daemon, broker, database):
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    query(database, "UPDATE nodes SET lifecycle_state = 'DECOMMISSIONED'")
+    status, answer = daemon.http("POST", f"/api/nodes/{UID}/config",
+                                 json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+    assert status == 409 and "decommissioned" in answer["error"]
+
+
+def test_a_push_that_cannot_be_made_in_time_is_refused_and_never_made_later(make_daemon, broker, database):
+    import psycopg
+    daemon = make_daemon(supervisor={"ask_timeout_s": 1.0})
+    register(daemon, broker, database)
+    with psycopg.connect(database) as blocker:
+        blocker.execute("SELECT 1 FROM nodes WHERE uid = %s FOR UPDATE", (UID,))  # another writer, slow
+        status, answer = daemon.http("POST", f"/api/nodes/{UID}/config",
+                                     json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+        assert status == 503 and "safe to retry" in answer["error"], answer
+    # The refused push left nothing behind: the retry is version 1.
+    status, answer = daemon.http("POST", f"/api/nodes/{UID}/config",
+                                 json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+    assert status == 202 and answer["version"] == 1
+    assert [row[0] for row in config_rows(database)] == [1]

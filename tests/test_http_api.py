@@ -30,6 +30,10 @@ def test_the_api_needs_the_bearer_token_when_one_is_set(make_daemon, broker, dat
     assert daemon.http("GET", "/api/nodes", token="wrong")[0] == 401
     assert daemon.http("POST", f"/api/nodes/{UID}/config", json={"channels": []})[0] == 401
     assert daemon.http("GET", "/api/nodes", token="s3cret-token") == (200, [])
+    request = __import__("urllib.request").request.Request(daemon.url + "/api/nodes",
+                                                           headers={"Authorization": "bearer s3cret-token"})
+    with __import__("urllib.request").request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200  # the scheme is case-insensitive (RFC 7235)
     # Probes stay open.
     assert daemon.http("GET", "/healthz")[0] == 200
     assert not any("s3cret-token" in str(line) for line in daemon.lines)

@@ -101,3 +101,9 @@ def test_a_malformed_dsn_is_a_config_error_that_does_not_show_the_password():
         settings.from_dict({"database": {"dsn": "postgresql://hydrod:pa%zzword@db/hydro"}})
     assert "`database.dsn`" in str(caught.value)
     assert "zzword" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300])
+def test_a_duration_must_be_finite_and_sane(value):
+    with pytest.raises(ConfigError, match="nodes.config_ack_timeout_s"):
+        settings.from_dict({"nodes": {"config_ack_timeout_s": value}})
