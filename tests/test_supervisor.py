@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import urllib.request
 
 import pytest
 
@@ -207,3 +208,30 @@ def test_a_replacement_that_fails_to_start_is_tried_again_with_everything_it_was
     failures = lines.events("actor_failed", failed_actor="db_writer")
     assert len(failures) == 2 and "did not start" in failures[1]["error"]
     wait_until(lambda: daemon.metrics.acked._value.get() >= 301, what="all acknowledged")
+
+
+def test_a_restarted_config_publisher_still_publishes_with_the_broker_up(in_process, broker, database):
+    crashed = threading.Event()
+
+    def crash_once(actor, message):
+        if actor == "config_publisher" and type(message).__name__ == "_Expire" and not crashed.is_set():
+            crashed.set()
+            raise RuntimeError("injected fault")
+
+    daemon, lines = in_process(fault_hook=crash_once, nodes={"config_ack_timeout_s": 2.0})
+    lines.wait_for("actor_restarted", restarted_actor="config_publisher")
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    # The new incarnation has not seen the link come up; the push must go out all the same.
+    status, body = _post(daemon, f"/api/nodes/{UID}/config", {"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+    assert status == 202
+    lines.wait_for("config_published", node_uid=UID, timeout=10)
+    assert query(database, "SELECT status FROM node_configs") == [("published",)]
+
+
+def _post(daemon, path, body):
+    http = daemon.settings.http
+    request = urllib.request.Request(f"http://{http.host}:{http.port}{path}", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return answer.status, json.loads(answer.read())
