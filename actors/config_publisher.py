@@ -19,7 +19,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from .. import protocol, store
-from .base import Address, Context, Flush, Health, LinkChanged, SupervisedActor, Ticker
+from .base import Address, Context, Flush, Health, LinkChanged, SupervisedActor, Ticker, open_pool
 from .mqtt_io import Publish
 
 # --- messages ------------------------------------------------------------------------
@@ -153,9 +153,7 @@ class ConfigPublisher(SupervisedActor):
         self._ticker: Ticker | None = None
 
     def on_start(self) -> None:
-        self.pool = ConnectionPool(self._dsn, min_size=1, max_size=1, name=self.ctx.name, open=False,
-                                   reconnect_timeout=24 * 3600, kwargs={"connect_timeout": 5})
-        self.pool.open(wait=False)
+        self.pool = open_pool(self.ctx.name, self._dsn, (1, 1))
         interval = min(max(self.ack_timeout_s / 4, 0.05), 5.0)
         self._ticker = Ticker(self.ctx.name, self.ctx.address, _Expire(), interval).start()
 

@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 
 from .. import store
 from ..protocol import HANDLER_CRASH, STORE_REFUSED, Routed
-from .base import Backoff, Context, Deliver, Flush, Health, SupervisedActor, Ticker, tell_later
+from .base import Backoff, Context, Deliver, Flush, Health, SupervisedActor, Ticker, open_pool, tell_later
 from .mqtt_io import Settled
 
 
@@ -90,12 +90,7 @@ class BatchConsumer(SupervisedActor):
     # -- lifecycle --
 
     def on_start(self) -> None:
-        self.pool = ConnectionPool(
-            self._dsn, min_size=self._pool_size[0], max_size=self._pool_size[1],
-            name=self.ctx.name, open=False, configure=self.configure_connection,
-            reconnect_timeout=24 * 3600, kwargs={"connect_timeout": 5},
-        )
-        self.pool.open(wait=False)
+        self.pool = open_pool(self.ctx.name, self._dsn, self._pool_size, self.configure_connection)
         self._ticker = Ticker(self.ctx.name, self.ctx.address, _FlushDue(),
                               max(self.flush_interval / 2, 0.005)).start()
 
