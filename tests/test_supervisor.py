@@ -69,6 +69,16 @@ def samples(n, uid=UID, channel="ph_sensor", start=1_764_000_000):
              {"metric_type": "PH", "value": 5.5 + i / 1000, "ts": start + i}) for i in range(n)]
 
 
+def register_then_send_while_armed(broker, database, armed, published, count):
+    """Register the node, arm the fault, send `count` samples, then let the fault fire:
+    the failing actor holds its first batch until all were sent, so more queue behind it."""
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    armed.set()
+    publish(broker.port, samples(count))
+    published.set()
+
+
 def test_a_failed_actor_is_restarted_and_everything_queued_for_it_is_processed(in_process, broker, database):
     published, armed = threading.Event(), threading.Event()
 
@@ -80,11 +90,7 @@ def test_a_failed_actor_is_restarted_and_everything_queued_for_it_is_processed(i
             raise RuntimeError("injected fault")
 
     daemon, lines = in_process(fault_hook=fail_once)
-    publish(broker.port, [("hydro/node_hello", HELLO)])
-    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
-    armed.set()
-    publish(broker.port, samples(500))
-    published.set()
+    register_then_send_while_armed(broker, database, armed, published, 500)
     failed = lines.wait_for("actor_failed", failed_actor="db_writer")
     restarted = lines.wait_for("actor_restarted", restarted_actor="db_writer")
     wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 500,
@@ -197,11 +203,7 @@ def test_a_replacement_that_fails_to_start_is_tried_again_with_everything_it_was
             raise RuntimeError("replacement broken")
 
     daemon, lines = in_process(fault_hook=fault)
-    publish(broker.port, [("hydro/node_hello", HELLO)])
-    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
-    armed.set()
-    publish(broker.port, samples(300))
-    published.set()
+    register_then_send_while_armed(broker, database, armed, published, 300)
     lines.wait_for("actor_restarted", restarted_actor="db_writer")
     wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 300,
                what="300 samples")
