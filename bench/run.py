@@ -189,7 +189,7 @@ def hello(hardware_id: str, node_type: str = "ph") -> bytes:
 
 
 def telemetry(value: float, ts: float, raw: int) -> bytes:
-    """Firmware shape (shared/fixtures/firmware.jsonl)."""
+    """Firmware shape (tests/fixtures/firmware.jsonl)."""
     return (b'{"metric_type":"PH","value":%.2f,"ts":%s,"unit":"pH","raw":%d,"stable":false}'
             % (value, repr(ts).encode(), raw))
 

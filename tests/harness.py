@@ -32,10 +32,8 @@ import psycopg
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-# `shared/` (SPEC.md, fixtures/) sits beside the checkout: /work/shared for
-# /work/main, and CI copies it beside its clone. HYDROD_FIXTURES overrides.
-FIXTURES_DIR = Path(os.environ.get(
-    "HYDROD_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+# The firmware's own messages (docs/SPEC.md's `fixtures/`), kept in the repository.
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
 POLL_S = 0.02
 
@@ -550,8 +548,7 @@ class FirmwareFixtures:
 
 def fixtures(directory: Path = FIXTURES_DIR) -> FirmwareFixtures:
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no fixtures (shared/ must sit beside the checkout, "
-                                "or set HYDROD_FIXTURES)")
+        raise FileNotFoundError(f"{directory}: no fixtures")
     messages = [jsonlib.loads(line) for line in
                 (directory / "firmware.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     raw = [tuple(line.split("\t", 1)) for line in

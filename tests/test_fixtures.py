@@ -1,4 +1,4 @@
-"""Every firmware fixture (../shared/fixtures), published as firmware sends it, with its expected effect."""
+"""Every firmware fixture (tests/fixtures), published as firmware sends it, with its expected effect."""
 
 from datetime import datetime, timezone
 
