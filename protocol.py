@@ -82,6 +82,12 @@ class Routed(NamedTuple):
     reason: str | None = None  # set when kind == REJECT
     detail: str = ""  # what was wrong, for the dead letter
 
+    def __repr__(self) -> str:
+        # Never the payload: a config_report may echo the node's secret, and a
+        # message's repr is what a crash report logs.
+        return (f"Routed(seq={self.seq}, kind={self.kind!r}, topic={self.topic!r}, "
+                f"payload=<{len(self.payload)} bytes>, reason={self.reason!r})")
+
 
 def classify(seq: int, topic: str, payload: bytes, received_at: float) -> Routed:
     """Turn a topic into a kind and its parts; unknown shapes become rejects."""

@@ -18,6 +18,9 @@ class Inbound(NamedTuple):
     qos: int
     received_at: float
 
+    def __repr__(self) -> str:  # never the payload (see protocol.Routed)
+        return f"Inbound(topic={self.topic!r}, payload=<{len(self.payload)} bytes>, mid={self.mid}, qos={self.qos})"
+
 
 class Arrivals:
     """PUBLISHes from paho's thread to MqttIo: one pykka message a burst, not one a PUBLISH.

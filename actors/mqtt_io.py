@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -44,10 +44,13 @@ class Settled:
 
 @dataclass(frozen=True)
 class Publish:
-    """Publish at QoS 1, never retained; on PUBACK tell `on_acked` = (address, message)."""
+    """Publish at QoS 1, never retained; on PUBACK tell `on_acked` = (address, message).
+
+    The payload stays out of repr: a config holds the node's secret, and a
+    message's repr is what a crash report logs."""
 
     topic: str
-    payload: bytes
+    payload: bytes = field(repr=False)
     on_acked: tuple[Address, Any] | None = None
 
 

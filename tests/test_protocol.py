@@ -3,6 +3,7 @@
 import pytest
 
 from hydrod import protocol
+from hydrod.actors.inbound import Inbound
 from hydrod.protocol import NodeHello, Rejected, Telemetry
 
 NOW = 1_764_400_000.0
@@ -145,3 +146,13 @@ def test_an_event_keeps_any_json_object_but_refuses_infinity():
 def test_the_time_response_carries_integer_seconds():
     assert protocol.time_response(1_764_400_000.75) == (
         b'{"message_type":"time_response","unix_ts":1764400000,"server_time":1764400000}')
+
+
+def test_the_repr_of_a_received_message_never_shows_its_payload():
+    # A config_report may echo the node's secret; a crash report logs a message's repr.
+    secret = "ab" * 32
+    payload = ('{"node_secret":"%s","channels":[]}' % secret).encode()
+    routed = protocol.classify(1, "hydro/gh-1/zn-1/nd-ph-1/config_report", payload, 0.0)
+    inbound = Inbound("hydro/gh-1/zn-1/nd-ph-1/config_report", payload, 1, 1, 0.0)
+    for text in (repr(routed), repr((routed,)), repr(inbound)):
+        assert secret not in text and f"<{len(payload)} bytes>" in text

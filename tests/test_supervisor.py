@@ -237,3 +237,27 @@ def _post(daemon, path, body):
                                      method="POST", headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as answer:
         return answer.status, json.loads(answer.read())
+
+
+def test_a_config_publish_that_keeps_crashing_mqtt_io_never_puts_the_node_secret_in_a_log_line(
+        in_process, broker, database):
+    secret = "5ec7e7" * 10 + "abcd"
+    crashes = []
+
+    def crash_on_config(actor, message):
+        # Twice: the supervisor then drops the message and logs it (message_dropped).
+        if actor == "mqtt_io" and type(message).__name__ == "Publish" and len(crashes) < 2:
+            crashes.append(message)
+            raise RuntimeError("injected fault")
+
+    daemon, lines = in_process(fault_hook=crash_on_config)
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    # The secret first in the body, so a truncated repr of the payload would still hold it.
+    status, _ = _post(daemon, f"/api/nodes/{UID}/config",
+                      {"node_secret": secret, "channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+    assert status == 202
+    lines.wait_for("message_dropped", failed_actor="mqtt_io")
+    lines.wait_for("actor_restarted", restarted_actor="mqtt_io")
+    assert secret.encode() in crashes[0].payload  # the crashing message did hold it
+    assert [r for r in list(lines.records) if secret in json.dumps(r)] == []
