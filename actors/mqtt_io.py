@@ -219,7 +219,13 @@ class MqttIo(SupervisedActor):
 
     def _receive(self, msg: Inbound) -> None:
         if not self.intake:
-            self.metrics.deferred.inc()  # left unacknowledged: the broker redelivers it
+            if msg.qos:
+                self.metrics.deferred.inc()  # left unacknowledged: the broker redelivers it
+                return
+            # QoS 0: the broker will not send it again, and nothing will store it now.
+            self.metrics.rejected.labels("stopping").inc()
+            self.log.warning("message_rejected", reason="stopping", topic=msg.topic,
+                             detail="QoS 0 message received while hydrod stops; not stored")
             return
         if msg.qos == 0 and len(self.ledger) >= self.max_pending:
             self.metrics.rejected.labels("overload").inc()
@@ -299,13 +305,16 @@ class MqttIo(SupervisedActor):
         self.metrics.pending.set(len(self.ledger))
         if not due or self.client is None or not self.connected:
             return
+        acked = 0
         for mid, qos in due:
             rc = self.client.ack(mid, qos)
             if rc != mqtt.MQTT_ERR_SUCCESS:
-                # The link dropped under us: the broker will redeliver it.
-                self.log.warning("mqtt_ack_failed", mid=mid, error=mqtt.error_string(rc))
+                # The link dropped under us: the broker will redeliver it, and the rest.
+                self.log.warning("mqtt_ack_failed", mid=mid, error=mqtt.error_string(rc),
+                                 not_acked=len(due) - acked)
                 break
-        self.metrics.acked.inc(len(due))
+            acked += 1
+        self.metrics.acked.inc(acked)
 
     # -- publishing --
 

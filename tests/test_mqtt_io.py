@@ -1,11 +1,19 @@
-"""MqttIo's bookkeeping, in process: the acknowledgement ledger and the hand-over
-from paho's thread. The link itself is exercised against a real broker in
-test_faults.py and test_node_registry.py."""
+"""MqttIo: its bookkeeping in process (the acknowledgement ledger, the hand-over from
+paho's thread), and its link against a real broker. More of the link is exercised in
+test_faults.py, test_node_registry.py and test_supervisor.py (restarts)."""
 
 import threading
 from types import SimpleNamespace
 
+import paho.mqtt.client as mqtt
+
+from harness import metric_value, publish, query, wait_until
+from hydrod import settings
+from hydrod.actors.base import Address, Context
 from hydrod.actors.inbound import Arrivals, Ledger
+from hydrod.actors.mqtt_io import MqttIo, StopIntake
+from hydrod.metrics import Metrics
+from test_supervisor import HELLO, UID, LogLines, in_process  # noqa: F401 (LogLines, in_process: fixtures)
 
 
 def test_acknowledgements_go_out_in_arrival_order_whatever_order_commits_come_in():
@@ -77,3 +85,45 @@ def test_no_arrival_is_ever_left_without_a_wake_up_under_a_racing_consumer():
         arrivals.on_message(None, None, message(i))
     thread.join(30)
     assert taken == list(range(total))
+
+
+class _FailingAcks:
+    """A paho client whose link drops after `ok` acknowledgements."""
+
+    def __init__(self, ok):
+        self.ok, self.acked = ok, []
+
+    def ack(self, mid, qos):
+        if len(self.acked) >= self.ok:
+            return mqtt.MQTT_ERR_NO_CONN
+        self.acked.append(mid)
+        return mqtt.MQTT_ERR_SUCCESS
+
+
+def test_the_acked_counter_counts_only_acknowledgements_that_went_out():
+    metrics = Metrics()
+    address = Address("mqtt_io")
+    io = MqttIo(Context("mqtt_io", address, Address("supervisor")), settings=settings.MqttSettings(),
+                registry=Address("node_registry"), history=Address("db_writer"), link_watchers=(),
+                metrics=metrics, batch_size=10, max_pending=100)
+    io.client, io.connected = _FailingAcks(ok=2), True
+    seqs = [io.ledger.admit(mid, 1, io.epoch) for mid in (1, 2, 3, 4)]
+    io._acknowledge(seqs)
+    assert io.client.acked == [1, 2]
+    assert metrics.acked._value.get() == 2
+
+
+def test_a_qos_0_message_that_arrives_while_hydrod_stops_is_counted_and_logged(in_process, broker, database):
+    daemon, lines = in_process()
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    daemon.specs["mqtt_io"].address.ask(StopIntake(), timeout=5)
+    topic = f"hydro/gh-1/zn-1/{UID}/ph_sensor/telemetry"
+    publish(broker.port, [(topic, {"metric_type": "PH", "value": 6.0, "ts": 1_764_000_000 + i})
+                          for i in range(3)], qos=0)
+    publish(broker.port, [(topic, {"metric_type": "PH", "value": 6.0, "ts": 1_764_000_100})], qos=1)
+    wait_until(lambda: len(lines.events("message_rejected", reason="stopping")) == 3, what="3 rejections")
+    wait_until(lambda: daemon.metrics.deferred._value.get() == 1, what="the QoS 1 message deferred")
+    assert lines.events("message_rejected", reason="stopping")[0]["topic"] == topic
+    assert metric_value(daemon.metrics.exposition().decode(), "hydrod_messages_rejected_total",
+                        reason="stopping") == 3
