@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import paho.mqtt.client as mqtt
 
 from harness import metric_value, publish, query, wait_until
-from hydrod import settings
+from hydrod import logs, settings
 from hydrod.actors.base import Address, Context
 from hydrod.actors.inbound import Arrivals, Ledger
-from hydrod.actors.mqtt_io import MqttIo, StopIntake
+from hydrod.actors.mqtt_io import Close, MqttIo, StopIntake
 from hydrod.metrics import Metrics
 from test_supervisor import HELLO, UID, LogLines, in_process  # noqa: F401 (LogLines, in_process: fixtures)
 
@@ -127,3 +127,28 @@ def test_a_qos_0_message_that_arrives_while_hydrod_stops_is_counted_and_logged(i
     assert lines.events("message_rejected", reason="stopping")[0]["topic"] == topic
     assert metric_value(daemon.metrics.exposition().decode(), "hydrod_messages_rejected_total",
                         reason="stopping") == 3
+
+
+def start_mqtt_io(port, client_id, metrics=None):
+    """MqttIo on its own, linked to the real broker; its peers are bare addresses."""
+    address = Address("mqtt_io")
+    ref = MqttIo.start(Context("mqtt_io", address, Address("supervisor")),
+                       settings=settings.MqttSettings(host="127.0.0.1", port=port, client_id=client_id),
+                       registry=Address("node_registry"), history=Address("db_writer"), link_watchers=(),
+                       metrics=metrics or Metrics(), batch_size=10, max_pending=100)
+    address.attach(ref)
+    return address, ref
+
+
+def test_closing_the_link_never_logs_at_error_level(broker):
+    # paho's network thread could run once more on the socket it had just closed for
+    # hydrod's DISCONNECT and log `Client is not connected` as an error (~1 close in 10).
+    lines = LogLines()
+    logs.configure("info", "json", stream=lines)
+    for i in range(40):
+        address, ref = start_mqtt_io(broker.port, f"hydrod-close-{i}")
+        wait_until(lambda: len(lines.events("mqtt_subscribed")) == i + 1, what=f"link {i} up")
+        address.ask(Close(), timeout=5)
+        ref.stop(timeout=5)
+    assert len(lines.events("mqtt_connected")) == 40
+    assert [r for r in list(lines.records) if r["level"] in ("error", "critical")] == []

@@ -183,7 +183,10 @@ def test_sigterm_drains_what_was_received_and_exits_0(make_daemon, broker, datab
     wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 3000,
                what="3000 samples")
     assert stored > 0
+    publish(broker.port, samples(500, start=1_764_100_000))  # traffic up to the second stop, too
     assert again.terminate() == 0
+    # Log-based monitoring alerts on errors: a clean stop has none.
+    assert [r for d in (daemon, again) for r in d.records() if r["level"] in ("error", "critical")] == []
 
 
 def test_a_replacement_that_fails_to_start_is_tried_again_with_everything_it_was_owed(
