@@ -76,6 +76,14 @@ def prepare_connection(conn: psycopg.Connection) -> None:
 
 # --- history: telemetry, liveness, events ---------------------------------------
 
+# STATUS_TIME. A node's status is set by the newest message by time, whichever
+# hydrod instance commits it last: nodes.status_at keeps the time of the message
+# that set it, and an older message leaves the status alone. A message's time is
+# when hydrod received it: the one clock every kind has (heartbeats, last wills,
+# hellos carry no ts), in the order the broker delivered them. A node's own ts is
+# whole seconds from a clock synced to whole seconds: a status sent just after a
+# heartbeat would often look older than it.
+
 # One statement stores a whole staged batch: it resolves each row's node (by uid,
 # then hardware id), refuses what must be refused, and returns the refused rows.
 _HISTORY_SQL = """
@@ -126,7 +134,9 @@ WITH keys AS (
 ), live AS (
     SELECT node_id,
         max(received_at) FILTER (WHERE online) AS seen,
-        (array_agg(online ORDER BY seq DESC))[1] AS online,
+        -- The newest message by time sets the status (see STATUS_TIME), not the last to commit.
+        (array_agg(online ORDER BY received_at DESC, seq DESC))[1] AS online,
+        max(received_at) AS status_time,
         max(received_at) FILTER (WHERE kind = 'heartbeat') AS heartbeat_at,
         (array_agg(uptime ORDER BY seq DESC) FILTER (WHERE kind = 'heartbeat'))[1] AS uptime,
         (array_agg(free_heap ORDER BY seq DESC) FILTER (WHERE kind = 'heartbeat'))[1] AS free_heap,
@@ -136,7 +146,10 @@ WITH keys AS (
     GROUP BY node_id
 ), touched AS (
     UPDATE nodes n SET
-        status = CASE WHEN live.online THEN 'online' ELSE 'offline' END,
+        status = CASE WHEN n.status_at IS NULL OR to_timestamp(live.status_time) >= n.status_at
+                      THEN CASE WHEN live.online THEN 'online' ELSE 'offline' END
+                      ELSE n.status END,
+        status_at = greatest(n.status_at, to_timestamp(live.status_time)),
         last_seen_at = CASE WHEN live.seen IS NULL THEN n.last_seen_at
                             ELSE greatest(n.last_seen_at, to_timestamp(live.seen)) END,
         last_heartbeat_at = coalesce(to_timestamp(live.heartbeat_at), n.last_heartbeat_at),
@@ -183,13 +196,27 @@ def _ts(unix: float):
 
 
 def mark_silent_offline(cur: psycopg.Cursor, offline_after_s: float) -> list[str]:
-    """Nodes online but silent for offline_after_s become offline; return their uids."""
+    """Nodes online but silent for offline_after_s become offline; return their uids.
+
+    The new status is as of the node's last sign of life (STATUS_TIME): any later
+    message brings it back, even one received before this sweep and committed after.
+    The history gets a `status` event, stamped when the silence began to count."""
     cur.execute(
-        "UPDATE nodes SET status = 'offline', updated_at = now()"
-        " WHERE status = 'online' AND (last_seen_at IS NULL"
-        "   OR last_seen_at < now() - make_interval(secs => %s))"
-        " RETURNING uid",
-        (offline_after_s,),
+        "WITH silent AS ("
+        "   UPDATE nodes SET status = 'offline', updated_at = now(),"
+        "     status_at = greatest(status_at, coalesce(last_seen_at, now()))"
+        "   WHERE status = 'online' AND (last_seen_at IS NULL"
+        "     OR last_seen_at < now() - make_interval(secs => %(after)s))"
+        "   RETURNING id, uid, last_seen_at"
+        " ), history AS ("
+        "   INSERT INTO node_events (node_id, node_key, kind, payload, ts, received_at)"
+        "   SELECT id, uid, 'status',"
+        "     jsonb_build_object('status', 'OFFLINE', 'reason', 'silent', 'after_s', %(after)s::double precision),"
+        "     coalesce(last_seen_at + make_interval(secs => %(after)s), now()), now()"
+        "   FROM silent ORDER BY uid"
+        " )"
+        " SELECT uid FROM silent ORDER BY uid",
+        {"after": offline_after_s},
     )
     return [row[0] for row in cur.fetchall()]
 
@@ -216,11 +243,13 @@ def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_v
         "WITH old AS (SELECT id, uid, type, fw_version, capabilities, hardware_revision FROM nodes"
         "             WHERE hardware_id = %s FOR UPDATE)"
         " UPDATE nodes n SET type = %s, fw_version = %s, capabilities = %s, hardware_revision = %s,"
-        "   name = coalesce(%s, n.name), status = 'online',"
+        "   name = coalesce(%s, n.name),"
+        "   status = CASE WHEN n.status_at IS NULL OR n.status_at <= %s THEN 'online' ELSE n.status END,"
+        "   status_at = greatest(n.status_at, %s),"
         "   last_seen_at = greatest(n.last_seen_at, %s), updated_at = now()"
         " FROM old WHERE n.id = old.id"
         " RETURNING old.uid, old.type, old.fw_version, old.capabilities, old.hardware_revision",
-        (hardware_id, node_type, fw_version, Jsonb(capabilities), hardware_revision, name, seen),
+        (hardware_id, node_type, fw_version, Jsonb(capabilities), hardware_revision, name, seen, seen, seen),
     )
     row = cur.fetchone()
     if row is not None:
@@ -235,11 +264,11 @@ def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_v
     for candidate in candidates:
         cur.execute(
             "INSERT INTO nodes (uid, hardware_id, type, fw_version, capabilities, hardware_revision,"
-            " name, status, last_seen_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, 'online', %s)"
+            " name, status, status_at, last_seen_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, 'online', %s, %s)"
             " ON CONFLICT DO NOTHING RETURNING uid",
             (candidate, hardware_id, node_type, fw_version, Jsonb(capabilities), hardware_revision,
-             name, seen),
+             name, seen, seen),
         )
         if cur.fetchone() is not None:
             return Registration(candidate, True, ())
@@ -321,18 +350,19 @@ def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: st
     bound_to = (gh, zone) if node["gh_uid"] is None and not temp and applied else None
     # A held report applied late must not replace a newer one.
     cur.execute(
-        "UPDATE nodes SET config = CASE WHEN config_reported_at IS NULL OR config_reported_at <= %s"
-        "   THEN %s ELSE config END,"
-        " config_reported_at = greatest(config_reported_at, %s), status = 'online',"
-        " last_seen_at = greatest(last_seen_at, %s), updated_at = now(),"
-        " gh_uid = coalesce(%s, gh_uid), zone_uid = coalesce(%s, zone_uid),"
-        " lifecycle_state = CASE WHEN %s AND lifecycle_state IN"
+        "UPDATE nodes SET config = CASE WHEN config_reported_at IS NULL OR config_reported_at <= %(at)s"
+        "   THEN %(config)s ELSE config END,"
+        " config_reported_at = greatest(config_reported_at, %(at)s),"
+        " status = CASE WHEN status_at IS NULL OR status_at <= %(at)s THEN 'online' ELSE status END,"
+        " status_at = greatest(status_at, %(at)s),"
+        " last_seen_at = greatest(last_seen_at, %(at)s), updated_at = now(),"
+        " gh_uid = coalesce(%(gh)s, gh_uid), zone_uid = coalesce(%(zone)s, zone_uid),"
+        " lifecycle_state = CASE WHEN %(bound)s AND lifecycle_state IN"
         "   ('MANUFACTURED', 'UNPROVISIONED', 'PROVISIONED_WIFI', 'REGISTERED_BACKEND')"
         "   THEN 'ASSIGNED_TO_ZONE' ELSE lifecycle_state END"
-        " WHERE id = %s",
-        (_ts(received_at), Jsonb(config), _ts(received_at), _ts(received_at),
-         bound_to[0] if bound_to else None, bound_to[1] if bound_to else None,
-         bound_to is not None, node["id"]),
+        " WHERE id = %(id)s",
+        {"at": _ts(received_at), "config": Jsonb(config), "gh": bound_to[0] if bound_to else None,
+         "zone": bound_to[1] if bound_to else None, "bound": bound_to is not None, "id": node["id"]},
     )
     return ReportOutcome(node["uid"], tuple(int(row[0]) for row in applied), bound_to)
 

@@ -1,7 +1,9 @@
 """store.py against a real PostgreSQL: the decisions that must hold across
 several hydrod instances, with two connections standing for two instances."""
 
+import json
 import threading
+import time
 
 import psycopg
 import pytest
@@ -76,3 +78,121 @@ def test_a_report_arriving_while_a_registration_commits_waits_and_finds_the_node
     with registering.cursor() as cur:
         cur.execute("SELECT count(*) FROM held_config_reports")
         assert cur.fetchone()[0] == 0
+
+
+# --- liveness order (STATUS_TIME) ---------------------------------------------------
+
+NOW = 1_764_000_000.0
+
+
+def liveness_row(seq, kind, online, received_at, ts=None, node_key="nd-ph-a1b2c3d4e5f6"):
+    """A staged status / lwt / heartbeat row (store.STAGE_COLUMNS) as DbWriter makes it."""
+    payload = {"status": "ONLINE" if online else "OFFLINE"} if kind == "status" else {}
+    return (seq, kind, node_key, "gh-1", "zone-1", None, None, None,
+            received_at if ts is None else ts, received_at, online, None, None, None, None,
+            json.dumps(payload), None)
+
+
+def history_writer(connect):
+    conn = connect()
+    store.prepare_connection(conn)
+    return conn
+
+
+def status_of(conn, uid="nd-ph-a1b2c3d4e5f6"):
+    with conn.cursor() as cur:
+        cur.execute("SELECT status FROM nodes WHERE uid = %s", (uid,))
+        return cur.fetchone()[0]
+
+
+@pytest.mark.parametrize("newer_online", [True, False])
+def test_the_newer_liveness_message_wins_whichever_instance_commits_last(connect, newer_online):
+    """Two instances in a shared group: the newer message commits first, the older one
+    (blocked on the node's row meanwhile) last; the newer one decides the status."""
+    newer, older = history_writer(connect), history_writer(connect)
+    with newer.transaction(), newer.cursor() as cur:
+        register(cur)
+    done = []
+    with newer.transaction(), newer.cursor() as cur:
+        store.write_history(cur, [liveness_row(2, "status", newer_online, NOW + 10)])
+
+        def write_older():
+            with older.transaction(), older.cursor() as other:
+                store.write_history(other, [liveness_row(1, "status" if newer_online else "heartbeat",
+                                                         not newer_online, NOW + 5)])
+            done.append(True)
+
+        thread = threading.Thread(target=write_older)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()  # waiting on the node's row: it commits after the newer one
+    thread.join(10)
+    assert done
+    assert status_of(newer) == ("online" if newer_online else "offline")
+
+
+def test_a_status_is_ordered_by_its_receipt_not_by_the_whole_seconds_of_its_own_ts(connect):
+    conn = history_writer(connect)
+    with conn.transaction(), conn.cursor() as cur:
+        store.register_node(cur, hardware_id="esp32-a1b2c3d4e5f6", node_type="ph", fw_version="1",
+                            capabilities=[], hardware_revision=None, name=None, wanted_uid=None,
+                            base="nd-ph-a1b2c3d4e5f6", seen_at=NOW + 0.5)
+        # Sent just after the hello, stamped with the node's whole second: it is the newer one.
+        store.write_history(cur, [liveness_row(1, "status", False, NOW + 0.7, ts=NOW)])
+    assert status_of(conn) == "offline"
+
+
+def test_a_hello_or_a_report_older_than_the_status_does_not_bring_a_node_back(connect):
+    conn = history_writer(connect)
+    with conn.transaction(), conn.cursor() as cur:
+        register(cur)  # seen at NOW
+        store.write_history(cur, [liveness_row(1, "lwt", False, NOW + 100)])
+        # Received before the last will by another instance, committed after it.
+        store.register_node(cur, hardware_id="esp32-a1b2c3d4e5f6", node_type="ph", fw_version="1",
+                            capabilities=[], hardware_revision=None, name=None, wanted_uid=None,
+                            base="nd-ph-a1b2c3d4e5f6", seen_at=NOW + 90)
+        store.store_config_report(cur, node_key="esp32-a1b2c3d4e5f6", gh="gh-temp", zone="zn-temp", temp=True,
+                                  topic="hydro/gh-temp/zn-temp/esp32-a1b2c3d4e5f6/config_report",
+                                  config=REPORT, received_at=NOW + 95)
+    assert status_of(conn) == "offline"
+    with conn.transaction(), conn.cursor() as cur:
+        store.store_config_report(cur, node_key="esp32-a1b2c3d4e5f6", gh="gh-temp", zone="zn-temp", temp=True,
+                                  topic="hydro/gh-temp/zn-temp/esp32-a1b2c3d4e5f6/config_report",
+                                  config=REPORT, received_at=NOW + 101)
+    assert status_of(conn) == "online"
+
+
+def test_a_node_swept_offline_for_silence_comes_back_only_with_a_message_after_its_last_one(connect):
+    conn = history_writer(connect)
+    last_seen = time.time() - 200
+    with conn.transaction(), conn.cursor() as cur:
+        store.register_node(cur, hardware_id="esp32-a1b2c3d4e5f6", node_type="ph", fw_version="1",
+                            capabilities=[], hardware_revision=None, name=None, wanted_uid=None,
+                            base="nd-ph-a1b2c3d4e5f6", seen_at=last_seen)
+        assert store.mark_silent_offline(cur, 120.0) == ["nd-ph-a1b2c3d4e5f6"]
+    assert status_of(conn) == "offline"
+    with conn.transaction(), conn.cursor() as cur:
+        # A heartbeat older than the last sign of life, committed late: the node is still silent.
+        store.write_history(cur, [liveness_row(1, "heartbeat", True, last_seen - 5)])
+    assert status_of(conn) == "offline"
+    with conn.transaction(), conn.cursor() as cur:
+        # One received after it (even before the sweep ran) brings it back.
+        store.write_history(cur, [liveness_row(2, "heartbeat", True, last_seen + 1)])
+    assert status_of(conn) == "online"
+
+
+def test_going_offline_for_silence_is_kept_in_the_history_like_an_offline_status(connect):
+    conn = history_writer(connect)
+    last_seen = time.time() - 200
+    with conn.transaction(), conn.cursor() as cur:
+        store.register_node(cur, hardware_id="esp32-a1b2c3d4e5f6", node_type="ph", fw_version="1",
+                            capabilities=[], hardware_revision=None, name=None, wanted_uid=None,
+                            base="nd-ph-a1b2c3d4e5f6", seen_at=last_seen)
+        store.mark_silent_offline(cur, 120.0)
+        store.mark_silent_offline(cur, 120.0)  # already offline: no second event
+        cur.execute("SELECT n.uid, e.node_key, e.kind, e.payload, extract(epoch FROM e.ts)"
+                    " FROM node_events e JOIN nodes n ON n.id = e.node_id")
+        [(uid, key, kind, payload, ts)] = cur.fetchall()
+    assert (uid, key, kind) == ("nd-ph-a1b2c3d4e5f6", "nd-ph-a1b2c3d4e5f6", "status")
+    assert payload == {"status": "OFFLINE", "reason": "silent", "after_s": 120.0}
+    assert float(ts) == pytest.approx(last_seen + 120, abs=0.001)  # when the silence began to count
