@@ -26,6 +26,6 @@ class StartupError(HydrodError):
 
 
 class SupervisorGaveUp(HydrodError):
-    """An actor failed more often than its restart budget allows."""
+    """An actor failed more often than its restart budget allows, or the supervisor itself failed."""
 
     exit_code = 5

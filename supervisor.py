@@ -71,14 +71,29 @@ class SupervisorActor(pykka.ThreadingActor):
         self._message_failures: dict[tuple, tuple[Any, int, float]] = {}
 
     def on_receive(self, message: Any) -> Any:
-        match message:
-            case ActorFailed():
-                self._failed(message)
-            case _Restart(failure, first):
-                self._restart(failure, first)
-            case _Stats():
-                self.daemon.log_stats()
+        try:
+            if self.daemon.fault_hook is not None:
+                self.daemon.fault_hook("supervisor", message)
+            match message:
+                case ActorFailed():
+                    self._failed(message)
+                case _Restart(failure, first):
+                    self._restart(failure, first)
+                case _Stats():
+                    self._stats()
+        except Exception as exc:
+            # Nothing would be supervised any more: stop everything, so that systemd
+            # starts a whole new process.
+            log.critical("supervisor_failed", error=repr(exc), exc_info=True)
+            self.daemon.give_up(SupervisorGaveUp(f"the supervisor itself failed: {exc!r}"))
         return None
+
+    def _stats(self) -> None:
+        # A periodic job: one failed round is logged, and the next comes all the same.
+        try:
+            self.daemon.log_stats()
+        except Exception as exc:
+            log.error("stats_failed", error=repr(exc), exc_info=True)
 
     def _failed(self, failure: ActorFailed, first: tuple[Any, ...] | None = None) -> None:
         spec = self.daemon.specs[failure.name]
@@ -288,7 +303,11 @@ class Daemon:
 
     def wait(self) -> None:
         while not self.stopping.wait(1.0):
-            pass
+            if not self._supervisor_ref.is_alive():
+                # Stopped from outside its own code (a BaseException makes pykka stop
+                # every actor): nothing is supervised any more.
+                log.critical("supervisor_failed", error="the supervisor actor stopped")
+                self.give_up(SupervisorGaveUp("the supervisor actor stopped"))
 
     def log_stats(self) -> None:
         log.info("stats", **self.metrics.summary(),

@@ -264,3 +264,79 @@ def test_a_config_publish_that_keeps_crashing_mqtt_io_never_puts_the_node_secret
     lines.wait_for("actor_restarted", restarted_actor="mqtt_io")
     assert secret.encode() in crashes[0].payload  # the crashing message did hold it
     assert [r for r in list(lines.records) if secret in json.dumps(r)] == []
+
+
+SUPERVISOR_BREAKS = textwrap.dedent("""
+    import sys
+    from hydrod import cli
+
+    FAILURE = {"error": RuntimeError, "exit": SystemExit}[sys.argv[2]]
+
+    def fault(actor, message):
+        if actor == "node_registry" and type(message).__name__ == "Deliver":
+            raise RuntimeError("registry fails")
+        if actor == "supervisor" and type(message).__name__ == "ActorFailed":
+            raise FAILURE("supervisor broken")  # in the middle of its restart logic
+
+    sys.exit(cli.main(["--config", sys.argv[1], "run"], fault_hook=fault))
+""")
+
+
+@pytest.mark.parametrize("failure", ["error", "exit"])
+def test_a_supervisor_that_fails_itself_is_logged_and_ends_hydrod_with_exit_5(broker, database, tmp_path, failure):
+    # "exit": a BaseException, on which pykka stops every actor without asking anyone.
+    (tmp_path / "config.toml").write_text(to_toml(fast_config(broker.port, database, free_port())))
+    daemon = subprocess.Popen([sys.executable, "-c", SUPERVISOR_BREAKS, str(tmp_path / "config.toml"), failure],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sent = iter(range(10_000))
+
+        def another_hello_or_exited():
+            publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id=f"esp32-{next(sent):012x}"))])
+            return daemon.poll() is not None
+
+        wait_until(another_hello_or_exited, timeout=20, what="hydrod exiting after its supervisor failed")
+        out, err = daemon.communicate(timeout=30)
+    finally:
+        daemon.kill()
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert daemon.returncode == 5, out[-3000:] + err
+    [failed] = [r for r in records if r["event"] == "supervisor_failed"]
+    assert failed["level"] == "critical"
+    assert ("supervisor broken" if failure == "error" else "the supervisor actor stopped") in failed["error"]
+    assert not [r for r in records if r["event"] == "actor_restarted"]
+    assert [r["event"] for r in records][-2:] == ["daemon_stopped", "daemon_failed"]
+    assert err.strip().count("\n") == 0 and "supervisor" in err
+
+
+def test_a_failing_stats_line_is_logged_and_the_schedule_and_supervision_go_on(in_process, broker, database):
+    crash_once = threading.Event()
+
+    def fault(actor, message):
+        if actor == "db_writer" and isinstance(message, Deliver) and crash_once.is_set():
+            crash_once.clear()
+            raise RuntimeError("injected fault")
+
+    daemon, lines = in_process(fault_hook=fault)
+    summary = daemon.metrics.summary
+    broken = threading.Event()
+
+    def summary_that_breaks_once():
+        if not broken.is_set():
+            broken.set()
+            raise ValueError("stats broken")
+        return summary()
+
+    daemon.metrics.summary = summary_that_breaks_once
+    failed = lines.wait_for("stats_failed")
+    assert "stats broken" in failed["error"]
+    after = len(lines.events("stats"))
+    wait_until(lambda: len(lines.events("stats")) > after, what="a stats line after the failed one")
+    # Still supervising: an actor that fails now is restarted.
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    crash_once.set()
+    publish(broker.port, samples(10))
+    lines.wait_for("actor_restarted", restarted_actor="db_writer")
+    wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 10, what="10 samples")
+    assert not daemon.stopping.is_set()
