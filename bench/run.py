@@ -45,6 +45,7 @@ TARGETS = {
     "live": "p99_ms <= 100 at 1000 msg/s, lost == 0, peak_rss_mb <= 150",
     "startup": "none set",
     "hello_burst": "peak_rss_mb <= 150",
+    "refused": "refused and 1 % mix phases drain at least half as fast as the valid one",
 }
 
 
@@ -196,6 +197,22 @@ def telemetry(value: float, ts: float, raw: int) -> bytes:
 
 def telemetry_topic(uid: str) -> str:
     return f"hydro/{GH}/{ZONE}/{uid}/{CHANNEL}/telemetry"
+
+
+def refused_message(uid: str, i: int, ts: float) -> tuple[str, bytes]:
+    """Valid JSON of the right shape that PostgreSQL refuses when it reaches it
+    (issue 7): an rssi beyond `integer`, a free_heap beyond `bigint`, or
+    metadata beyond jsonb's `numeric`."""
+    match i % 3:
+        case 0:
+            return (f"hydro/{GH}/{ZONE}/{uid}/heartbeat",
+                    b'{"uptime":%d,"free_heap":102000,"rssi":3000000000,"fw_version":"1.0.0"}' % i)
+        case 1:
+            return (f"hydro/{GH}/{ZONE}/{uid}/heartbeat",
+                    b'{"uptime":%d,"free_heap":18446744073709551615,"rssi":-62,"fw_version":"1.0.0"}' % i)
+        case _:
+            return (telemetry_topic(uid),
+                    b'{"metric_type":"PH","value":5.86,"ts":%s,"unit":"pH","note":1e1000000}' % repr(ts).encode())
 
 
 # ------------------------------------------------------------------------ publisher --
@@ -593,6 +610,76 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
         return result
 
 
+def scenario_refused(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
+    """Three backlogs of `--refused-messages` each, drained by a fresh hydrod in
+    turn: valid telemetry, messages PostgreSQL would refuse, and valid telemetry
+    with 1 % of those mixed in. Each rate is from spawn until every message is
+    accounted for (a sample, or a dead letter)."""
+    n, nodes = args.refused_messages, args.nodes
+    with Bench(pg, "refused", args.keep) as bench, bench.connect() as conn:
+        client_id = f"hydrod-bench-{secrets.token_hex(4)}"
+        daemon = bench.daemon("hydrod-0", client_id)
+        daemon.start()
+        daemon.wait_ready(60)
+        uids = register_nodes(bench, conn, nodes)
+        daemon.terminate()
+        base = int(time.time()) - 3 * n - 600
+
+        def settled() -> int:
+            return count(conn, "telemetry_samples") + count(conn, "dead_letters")
+
+        def reasons() -> dict[str, int]:
+            return dict(conn.execute("SELECT reason, count(*) FROM dead_letters GROUP BY reason").fetchall())
+
+        phases: dict[str, Any] = {}
+        for phase, bad_every in (("valid", 0), ("refused", 1), ("mix_1pct", 100)):
+            pub = Publisher(bench.broker.port)
+            for i in range(n):
+                uid, ts = uids[i % nodes], base + i // nodes
+                if bad_every and i % bad_every == 0:
+                    pub.publish(*refused_message(uid, i // bad_every, ts))
+                else:
+                    pub.publish(telemetry_topic(uid), telemetry(5.0 + (i % 300) / 100, ts, 1000 + i % 1000))
+            pub.wait_acked(120)
+            pub.close()
+            base += n // nodes + 1
+            before, reasons_before = settled(), reasons()
+            daemon = bench.daemon(f"hydrod-{phase}", client_id)
+            say(f"refused: {phase}: draining {n} messages ...")
+            t0 = time.monotonic()
+            daemon.start()
+            first = None
+            deadline = time.monotonic() + max(120.0, n / 20)
+            while (done := settled() - before) < n and time.monotonic() < deadline and daemon.running:
+                if done and first is None:
+                    first = time.monotonic() - t0
+                time.sleep(0.05)
+            seconds = time.monotonic() - t0
+            batches = batch_stats(daemon)
+            daemon.terminate()
+            by_reason = {reason: k - reasons_before.get(reason, 0) for reason, k in reasons().items()
+                         if k > reasons_before.get(reason, 0)}
+            phases[phase] = {
+                "messages": n, "settled": done, "seconds": round(seconds, 3), "rate_per_s": round(done / seconds),
+                "rate_after_first_row_per_s": (round(done / (seconds - first))
+                                               if first is not None and seconds > first else None),
+                "write_batches": batches, "dead_letters_by_reason": by_reason,
+            }
+            say(f"refused: {phase}: {done} in {seconds:.2f}s ({done / seconds:.0f} msg/s)")
+    valid = phases["valid"]["rate_per_s"]
+    return {
+        "scenario": "refused", "messages": 3 * n, "nodes": nodes,
+        "seconds": round(sum(p["seconds"] for p in phases.values()), 3),
+        "rate_per_s": None, "reference_rate_per_s": valid, "ratio": None,
+        "p50_ms": None, "p99_ms": None, "phases": phases,
+        "refused_to_valid": round(phases["refused"]["rate_per_s"] / valid, 3),
+        "mix_to_valid": round(phases["mix_1pct"]["rate_per_s"] / valid, 3),
+        "lost": sum(n - p["settled"] for p in phases.values()),
+        "target": TARGETS["refused"],
+        "target_met": all(p["rate_per_s"] * 2 >= valid and p["settled"] == n for p in phases.values()),
+    }
+
+
 def scenario_startup(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     with Bench(pg, "startup", args.keep) as bench:
@@ -662,7 +749,7 @@ def checkout_state() -> dict[str, Any]:
             "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
-SCENARIOS = ("drain", "live", "startup", "hello_burst")
+SCENARIOS = ("drain", "live", "startup", "hello_burst", "refused")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -681,6 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hellos", type=int, default=int(env("BENCH_HELLOS", 5000)),
                         help="hello_burst: node_hello messages (5000)")
     parser.add_argument("--startup-runs", type=int, default=5, help="startup: runs (5)")
+    parser.add_argument("--refused-messages", type=int, default=int(env("BENCH_REFUSED_MESSAGES", 5000)),
+                        help="refused: messages in each of its three backlogs (5000)")
     parser.add_argument("--profile", type=Path, default=None, metavar="RAW_FILE",
                         help="drain and live: record hydrod with py-spy (folded stacks to RAW_FILE, "
                              "RAW_FILE.live for live) and report the top functions by own time")
@@ -711,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
                     result = scenario_live(pg, args, reference)
                 elif name == "startup":
                     result = scenario_startup(pg, args)
+                elif name == "refused":
+                    result = scenario_refused(pg, args)
                 else:
                     result = scenario_hello_burst(pg, args)
             except Exception as exc:  # one scenario failing does not hide the others
