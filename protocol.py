@@ -5,6 +5,7 @@ Everything here is pure and cheap: it runs once per message on the hot path.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
 import re
@@ -165,10 +166,15 @@ class Telemetry(msgspec.Struct):
     ts: float | None = None
 
 
+# Each field as its column in `nodes` (migrations/001_initial.sql) holds it.
+BIGINT_MAX = 2 ** 63 - 1
+
+
 class Heartbeat(msgspec.Struct):
-    uptime: float | None = None
-    free_heap: int | None = None
-    rssi: int | None = None
+    uptime: Annotated[float, msgspec.Meta(ge=0)] | None = None  # seconds, double precision
+    free_heap: Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX)] | None = None  # bytes, bigint
+    # dBm, integer: the ESP-IDF reports it as an int8_t, so anything outside is no reading.
+    rssi: Annotated[int, msgspec.Meta(ge=-128, le=127)] | None = None
     fw_version: str | None = None
 
 
@@ -178,51 +184,111 @@ class Status(msgspec.Struct):
 
 
 _decoders: dict[type, msgspec.json.Decoder] = {
-    t: msgspec.json.Decoder(t) for t in (NodeHello, Telemetry, Heartbeat, Status, dict)
+    t: msgspec.json.Decoder(t) for t in (NodeHello, Telemetry, Heartbeat, Status)
 }
+_any = msgspec.json.Decoder()
+_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 def decode(payload: bytes, shape: type):
     """Decode and validate a JSON payload, or raise Rejected naming what is wrong.
 
-    The whole payload must be UTF-8 (msgspec does not look inside the keys it
-    skips) and free of \\u0000 (PostgreSQL's jsonb refuses it)."""
+    What passes can be stored: each field the shape names is checked against its
+    column, and the whole payload, which is kept as jsonb, against what jsonb
+    holds (see _unstorable). The whole payload must also be UTF-8: msgspec does
+    not look inside the keys it skips."""
     try:
         payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Rejected(BAD_ENCODING, f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if b"\\u0000" in payload:
-        raise Rejected(BAD_PAYLOAD, "payload contains a NUL character (\\u0000)")
     try:
-        return _decoders[shape].decode(payload)
+        if shape is dict:
+            value = _any.decode(payload)
+        else:
+            value = _decoders[shape].decode(payload)
+            _any.decode(payload)  # the keys the shape skips: a number beyond a double
     except msgspec.ValidationError as exc:
-        raise Rejected(BAD_PAYLOAD, "payload is not a JSON object" if shape is dict else str(exc)) from None
+        raise Rejected(BAD_PAYLOAD, _unstorable(payload) or str(exc)) from None
     except msgspec.DecodeError as exc:
         raise Rejected(BAD_JSON, str(exc)) from None
     except RecursionError:
         raise Rejected(BAD_JSON, "JSON nested too deeply") from None
+    if shape is dict and not isinstance(value, dict):
+        raise Rejected(BAD_PAYLOAD, "payload is not a JSON object")
+    # Cheap tests first: a NUL character is only ever written `\u0000`, and a number with
+    # more decimals than numeric holds needs a negative exponent or 16 KiB of digits.
+    if (b"\\u0000" in payload or b"e-" in payload or b"E-" in payload
+            or len(payload) > NUMERIC_DSCALE_MAX):
+        problem = _unstorable(payload)
+        if problem:
+            raise Rejected(BAD_PAYLOAD, problem)
+    return value
 
 
 def decode_object(payload: bytes) -> dict:
     """A payload that must be a JSON object, kept whole (config_report, events)."""
-    value = decode(payload, dict)
-    _check_finite(value)
-    return value
+    return decode(payload, dict)
 
 
-def _check_finite(value) -> None:
-    """JSON has no NaN/Infinity, but 1e999 decodes to inf: refuse it (no recursion:
-    the nesting depth is the sender's choice)."""
+# PostgreSQL's numeric, behind every jsonb number, keeps at most this many digits
+# after the decimal point (and 131072 before it, more than a 64 KiB payload holds).
+NUMERIC_DSCALE_MAX = 16383
+# A JSON string (skipped whole), or a number: exact on JSON that msgspec accepted.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|(-?[0-9][0-9.eE+-]*)')
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # used with fullmatch
+
+
+def _unstorable(payload: bytes) -> str | None:
+    """What in valid JSON PostgreSQL's jsonb would refuse, and where; None if nothing.
+
+    The rules: every number fits a double (1e400 does not: it is out of range, as
+    NaN and Infinity are not JSON), and numeric (at most 16383 digits after the
+    decimal point); no string and no key holds a NUL character, which jsonb
+    cannot store. Slow, and only called for a payload that may break them."""
+    try:
+        fields = [(_path(key), key, bytes(raw)) for key, raw in _fields.decode(payload).items()]
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        fields = [("$", "", payload)]  # not an object: look at it whole
+    for path, key, raw in fields:
+        if "\x00" in key:
+            return "a key holds a NUL character (\\u0000) - at `$`"
+        try:
+            value = _any.decode(raw)
+        except msgspec.ValidationError:
+            return f"a number is out of range (beyond a double) - at `{path}`"
+        except (msgspec.DecodeError, RecursionError):
+            continue  # the caller reports it
+        if b"\\u0000" in raw and holds_nul(value):
+            return f"a string holds a NUL character (\\u0000) - at `{path}`"
+        for number in _TOKEN.findall(raw):
+            if number and -decimal.Decimal(number.decode()).as_tuple().exponent > NUMERIC_DSCALE_MAX:
+                return (f"a number has more than {NUMERIC_DSCALE_MAX} digits after the decimal point,"
+                        f" more than PostgreSQL holds - at `{path}`")
+    return None
+
+
+def _path(key: str) -> str:
+    """A top-level key as msgspec names a field: `$.rssi`, or `$["odd key"]` (64 characters at most)."""
+    return f"$.{key}" if _NAME.fullmatch(key) else f"$[{msgspec.json.encode(key[:64]).decode()}]"
+
+
+def holds_nul(value) -> bool:
+    """Whether a decoded JSON value has a NUL character in any string or key
+    (PostgreSQL's text and jsonb refuse it). It looks at the decoded text: the
+    escaped backslash in `"\\\\u0000"` is text, not a NUL. No recursion: the
+    nesting depth is the sender's choice."""
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                raise Rejected(BAD_PAYLOAD, "a number is out of range (Infinity)")
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
         elif isinstance(item, dict):
+            stack.extend(item)
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+    return False
 
 
 # --- time rules (SPEC §2) ---------------------------------------------------

@@ -24,6 +24,7 @@ from werkzeug.routing import Map, Rule
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
+from .. import protocol
 from ..settings import HttpSettings
 from .base import ActorUnavailable, Address, Context, Health, SupervisedActor
 from .config_publisher import PushConfig, PushRefused
@@ -110,7 +111,7 @@ class Api:
             return _json({"error": f"body is not JSON: {exc}"}, 400)
         except RecursionError:
             return _json({"error": "body is not JSON: nested too deeply"}, 400)
-        if b"\\u0000" in raw:
+        if protocol.holds_nul(body):
             return _json({"error": "body contains a NUL character (\\u0000), which a config cannot carry"}, 400)
         try:
             result = self.peers.config_publisher.ask(

@@ -102,6 +102,16 @@ def test_a_push_while_the_broker_is_down_is_queued_and_published_when_it_returns
     assert delivered.json()["version"] == 1 and delivered.json()["gh_uid"] == "gh-1"
 
 
+def test_a_push_whose_text_holds_an_escaped_backslash_before_u0000_is_accepted(make_daemon, broker, database):
+    # In JSON, `\\u0000` is an escaped backslash and the text u0000, not a NUL character (issue 7.6).
+    daemon = make_daemon()
+    register(daemon, broker, database)
+    body = b'{"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1", "path": "C:\\\\u0000"}'
+    status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", body=body)
+    assert status == 202, answer
+    assert config_rows(database)[0][3]["path"] == "C:\\u0000"
+
+
 def test_push_errors_name_what_is_wrong(make_daemon, broker, database):
     daemon = make_daemon()
     register(daemon, broker, database)

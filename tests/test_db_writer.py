@@ -234,19 +234,34 @@ def test_each_class_of_bad_input_is_dead_lettered_with_its_reason_and_logged_and
     assert hydrod.events("actor_failed") == []
 
 
-def test_a_sample_postgresql_refuses_is_dead_lettered_as_store_refused_and_its_batch_mates_are_stored(
+# Valid JSON of the right shape whose values PostgreSQL would refuse (issue 7): each is
+# rejected before the database, naming the field, and costs its batch mates nothing.
+BEYOND_COLUMNS = {
+    # channel or kind: (topic suffix, payload, the field named)
+    "rssi": ("heartbeat", b'{"uptime":1,"free_heap":102000,"rssi":3000000000,"fw_version":"1.0.0"}', "$.rssi"),
+    "heap": ("heartbeat", b'{"uptime":2,"free_heap":18446744073709551615,"rssi":-62}', "$.free_heap"),
+    "numeric": ("beyond/telemetry", b'{"metric_type":"PH","value":6.0,"ts":1710000000,"note":1e1000000}',
+                "$.note"),
+    "nul": ("nul/telemetry", b'{"metric_type":"PH","value":6.0,"ts":1710000000,"note":"a\\u0000b"}', "$.note"),
+    "event": ("error", b'{"code":1e400,"ts":1710000000}', "$.code"),
+}
+
+
+def test_values_beyond_their_columns_are_rejected_before_the_database_naming_the_field(
         hydrod, broker, database):
-    # Valid JSON hydrod accepts (an unknown key is metadata), but jsonb cannot hold 1e999999.
-    refused = b'{"metric_type":"PH","value":6.0,"ts":1710000000,"note":1e999999}'
-    topic = telemetry_topic(PH_UID, "refused")
     register_node(broker.port, database, PH_HW)
-    publish(broker.port, [(telemetry_topic(PH_UID, "good"), sample(ts=1710000000 + i)) for i in range(20)]
-            + [(topic, refused)]
-            + [(telemetry_topic(PH_UID, "good"), sample(ts=1710000100 + i)) for i in range(20)])
-    wait_until(rows_once(1, database, "SELECT id FROM dead_letters"), 10, "the refused sample")
+    good = [(telemetry_topic(PH_UID, "good"), sample(ts=1710000000 + i)) for i in range(40)]
+    bad = [(f"hydro/gh-1/zn-1/{PH_UID}/{suffix}", payload) for suffix, payload, _ in BEYOND_COLUMNS.values()]
+    publish(broker.port, good[:20] + bad + good[20:])
+    wait_until(rows_once(len(bad), database, "SELECT id FROM dead_letters"), 10, "a dead letter each")
     wait_until(lambda: len(samples_on(database, "good")) == 40, 10, "the other 40 samples")
-    assert dead_letters(database) == [(topic, "store_refused", refused)]
-    hydrod.wait_for("message_rejected", reason="store_refused", topic=topic)
+    letters = query(database, "SELECT topic, reason, payload, detail FROM dead_letters ORDER BY id")
+    assert sorted((topic, reason, bytes(payload)) for topic, reason, payload, _ in letters) == sorted(
+        (topic, "bad_payload", payload) for topic, payload in bad)
+    details = {bytes(payload): detail for _, _, payload, detail in letters}
+    for _, payload, field in BEYOND_COLUMNS.values():
+        assert f"`{field}`" in details[payload], details[payload]
+    assert query(database, "SELECT count(*) FROM node_events") == [(0,)]
 
 
 # --- liveness and events -------------------------------------------------------------

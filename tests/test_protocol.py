@@ -156,3 +156,89 @@ def test_the_repr_of_a_received_message_never_shows_its_payload():
     inbound = Inbound("hydro/gh-1/zn-1/nd-ph-1/config_report", payload, 1, 1, 0.0)
     for text in (repr(routed), repr((routed,)), repr(inbound)):
         assert secret not in text and f"<{len(payload)} bytes>" in text
+
+
+# --- what reaches PostgreSQL: every column's type and bounds (issue 7) ---------------
+
+HEARTBEAT = b'{"uptime":%s,"free_heap":%s,"rssi":%s,"fw_version":"1.0.0"}'
+
+
+@pytest.mark.parametrize("uptime, free_heap, rssi, field", [
+    (b"3600", b"102000", b"3000000000", "$.rssi"),  # beyond `integer`, and no dBm a radio reports
+    (b"3600", b"102000", b"-129", "$.rssi"),
+    (b"3600", b"102000", b"128", "$.rssi"),
+    (b"3600", b"18446744073709551615", b"-62", "$.free_heap"),  # beyond `bigint`
+    (b"3600", b"-1", b"-62", "$.free_heap"),
+    (b"-1", b"102000", b"-62", "$.uptime"),
+    (b"1e400", b"102000", b"-62", "$.uptime"),
+])
+def test_a_heartbeat_field_beyond_its_column_is_rejected_naming_the_field(uptime, free_heap, rssi, field):
+    with pytest.raises(Rejected) as caught:
+        protocol.decode(HEARTBEAT % (uptime, free_heap, rssi), protocol.Heartbeat)
+    assert caught.value.reason == protocol.BAD_PAYLOAD
+    assert field in caught.value.detail
+
+
+def test_a_heartbeat_at_the_edges_of_its_columns_is_accepted():
+    beat = protocol.decode(HEARTBEAT % (b"0", b"9223372036854775807", b"-128"), protocol.Heartbeat)
+    assert (beat.uptime, beat.free_heap, beat.rssi) == (0, 2 ** 63 - 1, -128)
+    assert protocol.decode(HEARTBEAT % (b"1.5e9", b"0", b"127"), protocol.Heartbeat).rssi == 127
+
+
+@pytest.mark.parametrize("payload, field, what", [
+    # Metadata is stored as jsonb: numbers its `numeric` cannot hold, and NUL characters, are refused.
+    (b'{"metric_type":"PH","value":5.8,"note":1e1000000}', "$.note", "out of range"),
+    (b'{"metric_type":"PH","value":5.8,"note":[1,-1e400]}', "$.note", "out of range"),
+    (b'{"metric_type":"PH","value":5.8,"note":1e-16384}', "$.note", "digits after the decimal point"),
+    (b'{"metric_type":"PH","value":5.8,"note":0.' + b"0" * 16383 + b'1}', "$.note",
+     "digits after the decimal point"),
+    (b'{"metric_type":"PH","value":5.8,"note":{"deep":["a\\u0000b"]}}', "$.note", "NUL"),
+    (b'{"metric_type":"PH","value":5.8,"a\\u0000b":1}', "$", "NUL"),
+    (b'{"metric_type":"P\\u0000H","value":5.8}', "$.metric_type", "NUL"),
+    (b'{"metric_type":"PH","value":1e400}', "$.value", "out of range"),
+])
+def test_telemetry_postgresql_could_not_store_is_rejected_naming_the_field(payload, field, what):
+    with pytest.raises(Rejected) as caught:
+        protocol.decode(payload, Telemetry)
+    assert caught.value.reason == protocol.BAD_PAYLOAD
+    assert f"`{field}`" in caught.value.detail and what in caught.value.detail
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"metric_type":"PH","value":5.8,"note":"a\\\\u0000b"}',  # an escaped backslash, then text: no NUL
+    b'{"metric_type":"PH","value":5.8,"note":1e-400,"big":1' + b"0" * 400 + b'}',  # jsonb holds both
+    b'{"metric_type":"PH","value":5.8,"note":1e-16383,"max":1.7976931348623157e308}',
+    b'{"metric_type":"PH","value":5.8,"id":"esp32-e1234","x":"time-e-5"}',
+])
+def test_telemetry_postgresql_can_store_is_accepted(payload):
+    assert protocol.decode(payload, Telemetry).value == 5.8
+
+
+def test_an_event_with_a_number_beyond_a_double_is_out_of_range_not_a_non_object():
+    with pytest.raises(Rejected) as caught:
+        protocol.decode_object(b'{"a":1e400}')
+    assert caught.value.reason == protocol.BAD_PAYLOAD
+    assert "out of range" in caught.value.detail and "`$.a`" in caught.value.detail
+    with pytest.raises(Rejected) as listed:
+        protocol.decode_object(b"[1e400]")
+    assert "out of range" in listed.value.detail
+    with pytest.raises(Rejected) as array:
+        protocol.decode_object(b"[1, 2]")
+    assert array.value.detail == "payload is not a JSON object"
+
+
+def test_an_escaped_backslash_before_u0000_is_text_not_a_nul_character():
+    assert protocol.decode_object(b'{"path":"C:\\\\u0000"}') == {"path": "C:\\u0000"}
+    assert not protocol.holds_nul({"path": "C:\\u0000", "list": ["x"]})
+    assert protocol.holds_nul({"list": [{"k": "a\x00"}]})
+    assert protocol.holds_nul({"a\x00": 1})
+    with pytest.raises(Rejected) as caught:
+        protocol.decode_object(b'{"path":"C:\\u0000"}')
+    assert "NUL" in caught.value.detail and "`$.path`" in caught.value.detail
+
+
+def test_a_node_hello_with_a_nul_character_is_rejected():
+    with pytest.raises(Rejected) as caught:
+        protocol.decode(b'{"message_type":"node_hello","hardware_id":"esp32-1","fw_version":"1\\u0000"}',
+                        NodeHello)
+    assert caught.value.reason == protocol.BAD_PAYLOAD and "`$.fw_version`" in caught.value.detail
