@@ -9,6 +9,7 @@ made here, in SQL, under row locks, not in any one process's memory.
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from dataclasses import dataclass
 from importlib import resources
@@ -17,6 +18,8 @@ from typing import Any, Iterable
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+
+from .protocol import STORE_REFUSED
 
 MIGRATION_LOCK = 0x687964726F64  # "hydrod": one migrator at a time
 
@@ -168,19 +171,72 @@ SELECT 'status', uid, status FROM touched WHERE status IS DISTINCT FROM old_stat
 """
 
 
-def write_history(cur: psycopg.Cursor, rows: Iterable[tuple]) -> tuple[list[tuple[int, str]], dict[str, str]]:
-    """Store staged history rows; return (refused (seq, reason), {uid: new status} for nodes whose status changed)."""
-    with cur.copy(f"COPY hydrod_stage ({', '.join(STAGE_COLUMNS)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
+def write_history(cur: psycopg.Cursor, rows: Iterable[tuple]) -> tuple[list[tuple[int, str, str]], dict[str, str]]:
+    """Store staged history rows; return (refused (seq, reason, detail), {uid: new status} for nodes
+    whose status changed). A row PostgreSQL refuses to stage is left out as `store_refused`."""
+    rows = list(rows)
+    refused = [(rows[index][0], STORE_REFUSED, detail) for index, detail in _stage(cur, rows)]
     cur.execute(_HISTORY_SQL)
-    refused, statuses = [], {}
+    statuses = {}
     for what, key, value in cur.fetchall():
         if what == "reject":
-            refused.append((int(key), value))
+            refused.append((int(key), value, ""))
         else:
             statuses[key] = value
     return refused, statuses
+
+
+_COPY_STAGE = f"COPY hydrod_stage ({', '.join(STAGE_COLUMNS)}) FROM STDIN"
+# COPY's error context names the refused row: "COPY hydrod_stage, line 3, column rssi: ...".
+_COPY_LINE = re.compile(r"hydrod_stage\D*?(\d+)")
+
+
+def _stage(cur: psycopg.Cursor, rows: list[tuple]) -> list[tuple[int, str]]:
+    """COPY rows into the staging table, leaving out each one PostgreSQL refuses;
+    return (index, detail) of those.
+
+    Each COPY runs under a savepoint, so a refused row costs the rows before it one
+    more COPY, not the batch its transaction: the error names the row (its line, or
+    the row psycopg was writing), which is then tried alone, between the rows
+    before and after it. An error that names no row halves the range instead."""
+    refused: list[tuple[int, str]] = []
+    ranges = [(0, len(rows))]  # a stack of [lo, hi): the next one to copy is last
+    while ranges:
+        lo, hi = ranges.pop()
+        if lo == hi:
+            continue
+        at = lo
+        try:
+            with cur.connection.transaction(), cur.copy(_COPY_STAGE) as copy:
+                for at in range(lo, hi):
+                    copy.write_row(rows[at])
+        except psycopg.DataError as exc:
+            if hi - lo == 1:
+                refused.append((lo, refusal_detail(exc)))
+                continue
+            bad = at if exc.sqlstate is None else _refused_line(exc, lo, hi)  # None: psycopg refused it
+            if bad is None:
+                middle = (lo + hi) // 2
+                ranges += [(middle, hi), (lo, middle)]
+            else:
+                ranges += [(bad + 1, hi), (bad, bad + 1), (lo, bad)]
+    return refused
+
+
+def _refused_line(exc: psycopg.Error, lo: int, hi: int) -> int | None:
+    """The index of the row a COPY of rows[lo:hi] failed on, from the error's context."""
+    found = _COPY_LINE.search(exc.diag.context or "")
+    index = lo + int(found.group(1)) - 1 if found else -1
+    return index if lo <= index < hi else None
+
+
+def refusal_detail(exc: psycopg.Error) -> str:
+    """Why PostgreSQL refused a row: its primary message and SQLSTATE. Never the
+    error's detail or context: they quote the row ("Failing row contains ...")."""
+    message = exc.diag.message_primary or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if len(message) > 200:
+        message = message[:200] + "..."
+    return f"{message} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else message
 
 
 def write_dead_letters(cur: psycopg.Cursor, rows: Iterable[tuple[float, str, bytes, str, str]]) -> None:

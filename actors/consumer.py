@@ -217,7 +217,7 @@ class BatchConsumer(SupervisedActor):
                 self._write_chunk_retrying_conflicts(chunk[middle:])
                 return
             if isinstance(exc, DATA_ERRORS):
-                reason, detail = STORE_REFUSED, str(exc).strip()
+                reason, detail = STORE_REFUSED, store.refusal_detail(exc)
             else:
                 self.log.exception("handler_crash", topic=chunk[0].topic)
                 reason, detail = HANDLER_CRASH, repr(exc)

@@ -82,9 +82,9 @@ class DbWriter(BatchConsumer):
         if rows:
             by_seq = {item.seq: item for item in items}
             sql_refused, status_changes = store.write_history(cur, rows)
-            for seq, reason in sql_refused:
+            for seq, reason, detail in sql_refused:
                 item = by_seq[seq]
-                refused.append(Refusal(item, reason, _explain(reason, item)))
+                refused.append(Refusal(item, reason, detail or _explain(reason, item)))
             self._status_changes = status_changes
         for rule, count in replaced.items():
             self.metrics.ts_replaced.labels(rule).inc(count)

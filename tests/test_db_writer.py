@@ -264,6 +264,29 @@ def test_values_beyond_their_columns_are_rejected_before_the_database_naming_the
     assert query(database, "SELECT count(*) FROM node_events") == [(0,)]
 
 
+def test_a_row_postgresql_refuses_is_dead_lettered_as_store_refused_without_its_payload_in_the_detail(
+        hydrod, broker, database):
+    # A rule hydrod cannot know of: a constraint an operator added. PostgreSQL refuses
+    # the row; its batch mates are stored, and the detail is PostgreSQL's primary
+    # message and SQLSTATE, not its error context (which quotes the whole row).
+    register_node(broker.port, database, PH_HW)
+    query(database, "ALTER TABLE telemetry_samples ADD CONSTRAINT no_sevens CHECK (value <> 7.77)")
+    refused = b'{"metric_type":"PH","value":7.77,"ts":1710000050,"secret_marker":"do-not-echo"}'
+    topic = telemetry_topic(PH_UID, "refused")
+    publish(broker.port, [(telemetry_topic(PH_UID, "good"), sample(ts=1710000000 + i)) for i in range(20)]
+            + [(topic, refused)]
+            + [(telemetry_topic(PH_UID, "good"), sample(ts=1710000100 + i)) for i in range(20)])
+    wait_until(rows_once(1, database, "SELECT id FROM dead_letters"), 10, "the refused sample")
+    wait_until(lambda: len(samples_on(database, "good")) == 40, 10, "the other 40 samples")
+    [(letter_topic, reason, payload, detail)] = query(
+        database, "SELECT topic, reason, payload, detail FROM dead_letters")
+    assert (letter_topic, reason, bytes(payload)) == (topic, "store_refused", refused)
+    assert "no_sevens" in detail and "23514" in detail
+    assert "do-not-echo" not in detail and "7.77" not in detail
+    logged = hydrod.wait_for("message_rejected", reason="store_refused", topic=topic)
+    assert "do-not-echo" not in json.dumps(logged)
+
+
 # --- liveness and events -------------------------------------------------------------
 
 

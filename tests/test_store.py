@@ -196,3 +196,47 @@ def test_going_offline_for_silence_is_kept_in_the_history_like_an_offline_status
     assert (uid, key, kind) == ("nd-ph-a1b2c3d4e5f6", "nd-ph-a1b2c3d4e5f6", "status")
     assert payload == {"status": "OFFLINE", "reason": "silent", "after_s": 120.0}
     assert float(ts) == pytest.approx(last_seen + 120, abs=0.001)  # when the silence began to count
+
+
+# --- history rows PostgreSQL refuses (issue 7) ---------------------------------------
+
+def stage_row(seq, **fields):
+    """A staging row (store.STAGE_COLUMNS), unset columns NULL."""
+    fields = dict(seq=seq, node_key="nd-ph-a1b2c3d4e5f6", gh="gh-1", zone="zn-1", received_at=1_764_000_000.0,
+                  online=True, **fields)
+    return tuple(fields.get(column) for column in store.STAGE_COLUMNS)
+
+
+def sample_row(seq):
+    return stage_row(seq, kind="telemetry", channel="ph", metric="PH", value=6.0, ts=1_764_000_000.0 + seq,
+                     payload='{"metric_type":"PH","value":6.0}')
+
+
+def test_rows_postgresql_refuses_are_left_out_and_named_and_the_rest_of_the_batch_is_stored(connect):
+    # What validation keeps out, forced in: each is refused by PostgreSQL (or psycopg)
+    # while the batch is copied, and only that row is left out.
+    conn = connect()
+    store.prepare_connection(conn)
+    with conn.transaction(), conn.cursor() as cur:
+        register(cur)
+    beyond = {
+        3: stage_row(3, kind="heartbeat", rssi=3_000_000_000, payload='{"rssi":3000000000,"mark":"do-not-echo"}'),
+        7: stage_row(7, kind="heartbeat", free_heap=2 ** 64 - 1, payload='{"mark":"do-not-echo"}'),
+        8: stage_row(8, kind="event", payload='{"note":1e1000000,"mark":"do-not-echo"}'),
+        12: stage_row(12, kind="telemetry", channel="ph", metric="P\x00H", value=6.0, ts=1_764_000_012.0,
+                      payload='{"metric_type":"PH","value":6.0}'),
+        19: stage_row(19, kind="event", payload='{"mark":"do-not-echo \\u0000"}'),
+    }
+    rows = [beyond.get(seq) or sample_row(seq) for seq in range(20)]
+    with conn.transaction(), conn.cursor() as cur:
+        refused, _ = store.write_history(cur, rows)
+    assert sorted(seq for seq, _, _ in refused) == sorted(beyond)
+    assert {reason for _, reason, _ in refused} == {"store_refused"}
+    details = {seq: detail for seq, _, detail in refused}
+    assert "22003" in details[3] and "integer" in details[3]
+    assert "22003" in details[7] and "numeric" in details[8]
+    assert "NUL" in details[12] and "22P05" in details[19]
+    # PostgreSQL's primary message and SQLSTATE, never its context, which quotes the row.
+    assert not [d for d in details.values() if "do-not-echo" in d or "COPY" in d]
+    stored = conn.execute("SELECT extract(epoch FROM ts)::int - 1764000000 FROM telemetry_samples ORDER BY ts")
+    assert [row[0] for row in stored] == [seq for seq in range(20) if seq not in beyond]
