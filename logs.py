@@ -36,8 +36,6 @@ def configure(level: str = "info", fmt: str = "json", stream=None) -> None:
     root.setLevel(_LEVELS[level])
     # paho logs every packet at DEBUG; keep it to warnings unless asked.
     logging.getLogger("paho").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
-    # Werkzeug logs each request, in colour: the API's answers are metrics, not log lines.
-    logging.getLogger("werkzeug").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     # pykka logs every exception an ask returns to its caller at INFO: those are answers.
     logging.getLogger("pykka").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     structlog.configure(

@@ -26,6 +26,8 @@ class Metrics:
         self.pending = Gauge("hydrod_messages_pending", "Messages received and not yet acknowledged", registry=r)
         self.publish_deferred = Counter("hydrod_publish_deferred",
                                         "Publishes not sent because the link was down", registry=r)
+        self.http_connections_shed = Counter("hydrod_http_connections_shed",
+                                             "Idle HTTP connections closed to make room for a new one", registry=r)
         self.restarts = Counter("hydrod_actor_restarts", "Actor restarts, by actor", ["actor"], registry=r)
         self.nodes_registered = Counter("hydrod_nodes_registered", "Nodes created by a node_hello", registry=r)
         self.nodes_marked_offline = Counter("hydrod_nodes_marked_offline", "Nodes marked offline for silence",

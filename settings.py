@@ -65,6 +65,11 @@ class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 6001
     token: SecretStr = SecretStr("")
+    # Connections open at once, at most; fewer when the open-file limit is low
+    # (see deploy/README.md). Past it, the connection idle the longest is closed.
+    connection_limit: Annotated[int, Field(ge=1, le=100000)] = 100
+    # Requests handled at once; more wait their turn.
+    threads: Annotated[int, Field(ge=1, le=64)] = 4
 
 
 class TelemetrySettings(_Section):

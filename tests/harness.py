@@ -11,6 +11,7 @@ import importlib.util
 import json as jsonlib
 import os
 import pwd
+import resource
 import secrets
 import shutil
 import signal
@@ -623,6 +624,8 @@ class Daemon:
         self.config_path.write_text(to_toml(self.config))
         self.extra_env = env or {}
         self.args = list(args)
+        # The open-file limit (soft and hard) hydrod runs under; None keeps the test's.
+        self.nofile: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[dict[str, Any] | str] = []
         self.stderr: list[str] = []
@@ -638,7 +641,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [*_hydrod_argv(), "run", "--config", str(self.config_path), *self.args],
             cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=self._limits if self.nofile is not None else None)
         self._open_streams = 2
         self._readers = [
             threading.Thread(target=self._read, args=(self.proc.stdout, self.lines, True),
@@ -648,6 +651,10 @@ class Daemon:
         for reader in self._readers:
             reader.start()
         return self
+
+    def _limits(self) -> None:
+        """In the child, before exec."""
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _read(self, stream: Any, into: list[Any], parse: bool) -> None:
         try:
@@ -819,6 +826,17 @@ def metric_value(exposition: str, name: str, **labels: str) -> float | None:
         if all(found.get(key) == jsonlib.dumps(want) for key, want in labels.items()):
             return float(value)
     return None
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def thread_count(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Threads for pid {pid}")
 
 
 def vmrss_kib(pid: int) -> int:

@@ -63,9 +63,11 @@ def test_a_taken_http_port_is_a_clear_start_up_error(tmp_path, broker, database)
         taken.listen()
         config = write_config(tmp_path, database={"dsn": database}, mqtt={"port": broker.port},
                               http={"port": taken.getsockname()[1]})
+        port = taken.getsockname()[1]
         result = hydrod("run", "--config", config)
     assert result.returncode == 4
-    assert "http_api did not start" in result.stderr and "cannot listen" in result.stdout
+    assert "http_api did not start" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: address in use" in result.stdout
 
 
 def test_a_bad_config_stops_before_anything_starts(tmp_path):

@@ -1,6 +1,9 @@
 """The HTTP API (SPEC §6): nodes, health, metrics and the bearer token."""
 
-from harness import publish, query, wait_until
+import socket
+import time
+
+from harness import metric_value, open_fds, publish, query, register_node, thread_count, wait_until
 
 HELLO = {"message_type": "node_hello", "hardware_id": "esp32-a1b2c3d4e5f6", "node_type": "ph",
          "fw_version": "1.0.0", "capabilities": ["ph"]}
@@ -90,3 +93,112 @@ def test_healthz_names_the_database_when_it_is_away_even_with_no_traffic(
     proxy.restore()
     daemon.wait_for("db_recovered", actor="db_writer", timeout=15)
     wait_until(lambda: daemon.http("GET", "/healthz")[0] == 200, what="healthy again")
+
+
+def exchange(port: int, request: bytes, wait_s: float = 3.0) -> tuple[bytes, bool]:
+    """Send raw bytes; return what hydrod answered, and whether it then closed the
+    connection (False: still open after `wait_s` without a byte more)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        try:
+            sock.sendall(request)
+        except OSError:
+            pass  # it answered and closed before taking everything: read the answer
+        answer = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                return answer, False
+            except ConnectionResetError:
+                return answer, True
+            if not chunk:
+                return answer, True
+            answer += chunk
+
+
+def test_a_chunked_body_over_the_limit_is_413_and_the_connection_is_closed(make_daemon):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    chunk = b"x" * 4096
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(70)) + b"0\r\n\r\n"  # 280 KiB
+    answer, closed = exchange(daemon.config["http"]["port"],
+                              f"POST /api/nodes/{UID}/config HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                              + body)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"body too large" in answer and closed
+
+
+def test_an_error_answer_closes_the_connection_and_an_unread_body_is_never_a_request(make_daemon):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    smuggled = b"GET /api/nodes HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    cases = [  # each answered before its body is read
+        ("POST /api/nodes", smuggled, 405),
+        ("POST /api/nodes/nd%00x/config", smuggled, 404),
+        ("POST /api/nodes/nd-nobody/config", smuggled + b" " * (300 * 1024), 413),
+    ]
+    for target, body, status in cases:
+        answer, closed = exchange(daemon.config["http"]["port"],
+                                  f"{target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert answer.startswith(b"HTTP/1.1 %d " % status), (target, answer[:200])
+        assert answer.count(b"HTTP/1.1 ") == 1, (target, answer)
+        assert closed, target
+
+
+def test_idle_connections_past_the_open_file_limit_leave_the_database_its_connections(
+        make_daemon, make_proxy, broker, database, pg_server):
+    # hydrod under a 256 open-file limit, with more idle connections to its HTTP
+    # port than that, and a database blip meanwhile.
+    proxy = make_proxy(pg_server.port, pg_server.host)
+    dsn = database.replace(f":{pg_server.port}/", f":{proxy.port}/")
+    daemon = make_daemon(start=False, database={"dsn": dsn}, http={"connection_limit": 1000})
+    daemon.nofile = 256
+    daemon.start()
+    daemon.wait_ready()
+    register_node(broker.port, database, "esp32-a1b2c3d4e5f6")
+    topic = f"hydro/gh-1/zn-1/{UID}/ph/telemetry"
+    base = int(time.time()) - 1000
+    idle, refused = [], 0
+    try:
+        for _ in range(300):
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", daemon.config["http"]["port"]), timeout=1))
+            except OSError:
+                refused += 1
+        # Whatever hydrod does with them, it has done it once its descriptors settle.
+        counts = []
+
+        def settled() -> bool:
+            counts.append(open_fds(daemon.pid))
+            return len(counts) >= 5 and len(set(counts[-5:])) == 1
+
+        wait_until(settled, what="hydrod's descriptors to settle", interval=0.1)
+        fds, threads = open_fds(daemon.pid), thread_count(daemon.pid)
+
+        mark = daemon.mark()
+        proxy.cut()
+        publish(broker.port, [(topic, {"metric_type": "PH", "value": 6.0, "ts": base})])
+        daemon.wait_for("db_unavailable", actor="db_writer", since=mark, timeout=15)
+        proxy.restore()
+        restored = time.monotonic()
+        publish(broker.port, [(topic, {"metric_type": "PH", "value": 6.0, "ts": base + i}) for i in range(1, 101)])
+        stored = lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 101  # noqa: E731
+        try:
+            wait_until(stored, 40, "the samples sent after the blip")
+        finally:
+            store_s = time.monotonic() - restored
+            print(f"{len(idle)} idle connections ({refused} refused): hydrod at {fds} fds, {threads} threads; "
+                  f"stored {store_s:.1f} s after the database came back")
+        assert store_s < 10
+        assert fds < 256 - 50, "HTTP connections took the descriptors kept for the database and the broker"
+        # Answered while the idle connections are all still open: idle ones made room.
+        status, body = daemon.http("GET", "/healthz", timeout=10)
+        assert status == 200, body
+        assert metric_value(daemon.http("GET", "/metrics")[1], "hydrod_http_connections_shed_total") > 0
+    finally:
+        for sock in idle:
+            sock.close()
+    listening = daemon.events("http_listening")[0]
+    assert listening["connection_limit"] == 256 - 100

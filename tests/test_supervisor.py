@@ -234,6 +234,30 @@ def test_a_restarted_config_publisher_still_publishes_with_the_broker_up(in_proc
     assert query(database, "SELECT status FROM node_configs") == [("published",)]
 
 
+def test_a_crashed_http_api_is_restarted_and_serves_again_on_the_same_port(in_process):
+    armed = threading.Event()
+
+    def crash_once(actor, message):
+        if actor == "http_api" and armed.is_set():
+            armed.clear()
+            raise RuntimeError("injected fault")
+
+    daemon, lines = in_process(fault_hook=crash_once)
+    http = daemon.settings.http
+    url = f"http://{http.host}:{http.port}/api/nodes"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.status == 200
+    armed.set()
+    daemon.specs["http_api"].address.tell(Health())
+    failed = lines.wait_for("actor_failed", failed_actor="http_api")
+    assert "injected fault" in failed["error"]
+    lines.wait_for("actor_restarted", restarted_actor="http_api")
+    assert len(lines.events("http_listening", port=http.port)) == 2
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.status == 200 and json.loads(answer.read()) == []
+    assert daemon.metrics.restarts.labels("http_api")._value.get() == 1
+
+
 def _post(daemon, path, body):
     http = daemon.settings.http
     request = urllib.request.Request(f"http://{http.host}:{http.port}{path}", data=json.dumps(body).encode(),
