@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pykka
@@ -83,11 +84,7 @@ class Api:
         request = _Request(environ)
         try:
             endpoint, args = self.urls.bind_to_environ(environ).match()
-            if endpoint in ("nodes", "node", "push") and not self._authorised(request):
-                response = _json({"error": "missing or wrong bearer token"}, 401)
-                response.headers["WWW-Authenticate"] = "Bearer"
-            else:
-                response = getattr(self, f"on_{endpoint}")(request, **args)
+            response = self._refusal(request, endpoint) or getattr(self, f"on_{endpoint}")(request, **args)
         except HTTPException as exc:
             response = _json({"error": exc.description}, exc.code)
         except (ActorUnavailable, pykka.Timeout) as exc:
@@ -99,6 +96,23 @@ class Api:
             _log.exception("http_request_failed", path=request.path, method=request.method)
             response = _json({"error": "internal error; see hydrod's log (event http_request_failed)"}, 500)
         return response(environ, start_response)
+
+    def _refusal(self, request: Request, endpoint: str) -> Response | None:
+        """The answer to a request that may not go on, or None."""
+        changes = request.method not in ("GET", "HEAD", "OPTIONS")
+        if changes and not _same_origin(request):
+            # A web page the grower opens must not push configs, token or not.
+            return _json({"error": f"cross-origin request refused: Origin {request.headers['Origin']!r} "
+                                   f"is not this API's own ({request.host})"}, 403)
+        if endpoint in ("nodes", "node", "push") and not self._authorised(request):
+            response = _json({"error": "missing or wrong bearer token"}, 401)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        if changes and request.mimetype != "application/json":
+            # text/plain and form bodies are what a browser sends cross-site without asking.
+            return _json({"error": f"Content-Type must be application/json, not {request.mimetype or 'none'!r}"},
+                         415)
+        return None
 
     def _authorised(self, request: Request) -> bool:
         if not self.token:
@@ -163,6 +177,54 @@ class Api:
         return Response(self.metrics.exposition(), mimetype="text/plain; version=0.0.4")
 
 
+def _same_origin(request: Request) -> bool:
+    """True when the request names no Origin (curl, hydrod's CLI: not a browser), or
+    names the host and port it was sent to (its Host header). The scheme is not
+    compared, so that a TLS proxy in front of hydrod works."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    theirs, ours = urlsplit(origin), urlsplit(f"//{request.host}")
+    default = {"http": 80, "https": 443}.get(theirs.scheme)
+    try:
+        return (default is not None and theirs.hostname is not None and theirs.hostname == ours.hostname
+                and (theirs.port or default) == (ours.port or default))
+    except ValueError:  # a port that is not a number
+        return False
+
+
+# Keys whose values are secrets, wherever they are in an answer: nodes echo their
+# broker and wifi credentials in the config they report.
+SECRET_KEYS = frozenset({"node_secret", "secret", "password", "passwd", "pass", "pwd", "psk", "token",
+                         "api_key", "apikey", "private_key", "key_password"})
+SECRET_WORDS = ("secret", "password", "passwd", "token", "psk")
+
+
+def is_secret(key: str) -> bool:
+    key = key.lower()
+    return key in SECRET_KEYS or any(word in key for word in SECRET_WORDS)
+
+
+def without_secrets(data: Any) -> Any:
+    """A copy of `data` without any secret key, at any depth (no recursion: a
+    node's reported config can nest deeply)."""
+    top = [data]
+    todo: list[tuple[Any, Any]] = [(top, 0)]
+    while todo:
+        parent, index = todo.pop()
+        value = parent[index]
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if not (isinstance(k, str) and is_secret(k))}
+            todo.extend((value, k) for k in value)
+        elif isinstance(value, (list, tuple)):
+            value = list(value)
+            todo.extend((value, i) for i in range(len(value)))
+        else:
+            continue
+        parent[index] = value
+    return top[0]
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -183,7 +245,7 @@ _log = structlog.get_logger("hydrod", actor="http_api")
 
 
 def _json(data: Any, status: int = 200) -> Response:
-    return Response(json.dumps(data, default=_encode), status=status, mimetype="application/json")
+    return Response(json.dumps(without_secrets(data), default=_encode), status=status, mimetype="application/json")
 
 
 def _encode(value: Any) -> Any:

@@ -770,18 +770,20 @@ class Daemon:
         return f"http://{self.config['http']['host']}:{self.config['http']['port']}"
 
     def http(self, method: str, path: str, json: Any = None, token: str | None = None,
-             timeout: float = 10.0, body: bytes | None = None) -> tuple[int, Any]:
-        """(status, parsed JSON or text). `body` sends raw bytes instead of `json`."""
-        headers = {"Accept": "application/json"}
+             timeout: float = 10.0, body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """(status, parsed JSON or text). `body` sends raw bytes instead of `json`;
+        `headers` are added to (or replace) the usual ones."""
+        sent = {"Accept": "application/json"}
         data = body
         if json is not None:
             data = jsonlib.dumps(json).encode()
         if data is not None:
-            headers["Content-Type"] = "application/json"
+            sent["Content-Type"] = "application/json"
         if token:
-            headers["Authorization"] = f"Bearer {token}"
+            sent["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(self.url + path, data=data, method=method.upper(),
-                                         headers=headers)
+                                         headers={**sent, **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 status, raw, ctype = response.status, response.read(), response.headers.get_content_type()

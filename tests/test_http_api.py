@@ -1,5 +1,6 @@
 """The HTTP API (SPEC §6): nodes, health, metrics and the bearer token."""
 
+import json
 import socket
 import time
 
@@ -93,6 +94,70 @@ def test_healthz_names_the_database_when_it_is_away_even_with_no_traffic(
     proxy.restore()
     daemon.wait_for("db_recovered", actor="db_writer", timeout=15)
     wait_until(lambda: daemon.http("GET", "/healthz")[0] == 200, what="healthy again")
+
+
+PUSH = {"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"}
+
+
+def test_a_cross_site_push_is_refused_and_only_json_bodies_change_anything(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    register_node(broker.port, database, "esp32-a1b2c3d4e5f6")
+    port = daemon.config["http"]["port"]
+    body = json.dumps(PUSH).encode()
+    # What a web page can send without a preflight: text/plain, from its own origin.
+    status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", body=body,
+                                 headers={"Content-Type": "text/plain", "Origin": "http://evil.example"})
+    assert status == 403 and "evil.example" in answer["error"]
+    for origin in ("http://evil.example", f"http://127.0.0.1:{port + 1}", "null", f"http://localhost:{port}"):
+        status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", json=PUSH, headers={"Origin": origin})
+        assert status == 403, (origin, answer)
+    # Without an Origin (curl, the CLI), only the content type matters.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", body=body,
+                                     headers={"Content-Type": content_type})
+        assert status == 415 and "application/json" in answer["error"], (content_type, answer)
+    assert query(database, "SELECT count(*) FROM node_configs") == [(0,)]
+    # The API's own origin, and no origin at all, go through.
+    status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", json=PUSH,
+                                 headers={"Origin": f"http://127.0.0.1:{port}"})
+    assert status == 202, answer
+    status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", json=PUSH,
+                                 headers={"Content-Type": "application/json; charset=utf-8"})
+    assert status == 202, answer
+    assert query(database, "SELECT count(*) FROM node_configs") == [(2,)]
+
+
+def test_a_cross_site_push_is_refused_even_with_the_token(make_daemon, broker, database):
+    daemon = make_daemon(http={"token": "s3cret-token"})
+    daemon.wait_ready()
+    register_node(broker.port, database, "esp32-a1b2c3d4e5f6")
+    status, answer = daemon.http("POST", f"/api/nodes/{UID}/config", json=PUSH, token="s3cret-token",
+                                 headers={"Origin": "https://evil.example"})
+    assert status == 403, answer
+    assert daemon.http("POST", f"/api/nodes/{UID}/config", json=PUSH, token="s3cret-token")[0] == 202
+
+
+def test_no_answer_holds_a_secret_at_any_depth(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    register_node(broker.port, database, "esp32-a1b2c3d4e5f6")
+    secrets = ["a" * 64, "b" * 64, "broker-pw", "wifi-pw", "wifi-psk", "chan-token", "deep-secret"]
+    report = {"node_id": UID, "version": 1, "type": "ph", "node_secret": secrets[0],
+              "mqtt": {"host": "10.0.0.2", "username": "node", "password": secrets[2], "node_secret": secrets[1]},
+              "wifi": {"ssid": "greenhouse", "pass": secrets[3], "PSK": secrets[4]},
+              "channels": [{"name": "ph_sensor", "auth_token": secrets[5]},
+                           {"name": "x", "extra": [{"deeper": {"Secret": secrets[6]}}]}]}
+    publish(broker.port, [(f"hydro/gh-temp/zn-temp/esp32-a1b2c3d4e5f6/config_report", report)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes WHERE config ? 'wifi'"), what="the report stored")
+    status, node = daemon.http("GET", f"/api/nodes/{UID}")
+    assert status == 200
+    assert node["config"]["wifi"] == {"ssid": "greenhouse"}
+    assert node["config"]["mqtt"] == {"host": "10.0.0.2", "username": "node"}
+    assert node["config"]["channels"] == [{"name": "ph_sensor"}, {"name": "x", "extra": [{"deeper": {}}]}]
+    for path in (f"/api/nodes/{UID}", "/api/nodes"):
+        text = json.dumps(daemon.http("GET", path)[1])
+        assert not [s for s in secrets if s in text], path
 
 
 def exchange(port: int, request: bytes, wait_s: float = 3.0) -> tuple[bytes, bool]:
