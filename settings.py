@@ -95,6 +95,8 @@ class SupervisorSettings(_Section):
     backoff_max_s: Seconds = 5.0
     shutdown_timeout_s: Seconds = 20.0
     ask_timeout_s: Seconds = 5.0
+    # /healthz reports an actor that has been on one message this long as stalled.
+    stall_after_s: Seconds = 30.0
     # A message that crashes its actor this many times is dead-lettered.
     max_message_failures: Annotated[int, Field(ge=1)] = 2
 

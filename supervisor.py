@@ -218,6 +218,7 @@ class Daemon:
                 ack_timeout_s=s.nodes.config_ack_timeout_s),
             "http_api": lambda ctx: HttpApi.start(
                 ctx, settings=s.http, metrics=self.metrics, ask_timeout=s.supervisor.ask_timeout_s,
+                stall_after_s=s.supervisor.stall_after_s,
                 peers=Peers(registry=addr["node_registry"], config_publisher=addr["config_publisher"],
                             db_writer=addr["db_writer"], mqtt=addr["mqtt_io"],
                             all=tuple(addr[name] for name in self.ORDER if name != "http_api"

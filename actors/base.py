@@ -44,7 +44,10 @@ class Deliver:
 
 @dataclass(frozen=True)
 class Health:
-    """Ask: is this actor and the resource it owns well? Returns (ok, detail)."""
+    """Ask: is this actor and the resource it owns well? Returns (ok, detail).
+
+    Keep the answer cheap: each actor also works it out after every message it
+    handles, for /healthz to read from its address without asking."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class Address:
         self._lock = threading.Lock()
         self._ref: pykka.ActorRef | None = None
         self._held: list[Any] = []
+        # What the actor is doing, for /healthz, which reads it without asking: an
+        # ask waits behind a long batch. Written by the actor's own thread.
+        self.busy_since: float | None = None  # monotonic, while it handles a message
+        self.handling: str | None = None  # that message's type
+        self.health: tuple[bool, str] | None = None  # its answer to Health after its last message
 
     def tell(self, message: Any) -> None:
         with self._lock:
@@ -115,6 +123,7 @@ class Address:
         incarnation had queued), then what was told to the address meanwhile.
         """
         with self._lock:
+            self.busy_since = None  # the dead incarnation's, if any; this one is idle
             # Checked once, under the lock: if the actor dies after this, its on_failure
             # waits for the lock in detach() and then takes all of it back.
             if not ref.is_alive():
@@ -172,10 +181,14 @@ class SupervisedActor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         self._current = message
+        address = self.ctx.address
+        address.handling, address.busy_since = type(message).__name__, time.monotonic()
         if self.ctx.fault_hook is not None:
             self.ctx.fault_hook(self.ctx.name, message)
         result = self.handle(message)
         self._current = None
+        address.health = result if isinstance(message, Health) else self.handle(Health())
+        address.busy_since = None
         return result
 
     def handle(self, message: Any) -> Any:

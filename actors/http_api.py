@@ -67,11 +67,12 @@ class Peers:
 class Api:
     """The WSGI application: plain, testable without the actor."""
 
-    def __init__(self, peers: Peers, metrics, token: str, ask_timeout: float):
+    def __init__(self, peers: Peers, metrics, token: str, ask_timeout: float, stall_after_s: float):
         self.peers = peers
         self.metrics = metrics
         self.token = token
         self.ask_timeout = ask_timeout
+        self.stall_after_s = stall_after_s
         self.urls = Map([
             Rule("/api/nodes", endpoint="nodes", methods=["GET"]),
             Rule("/api/nodes/<uid>", endpoint="node", methods=["GET"]),
@@ -155,17 +156,25 @@ class Api:
                       "status": result.status}, 202)
 
     def on_healthz(self, request: Request) -> Response:
+        """Failing: an actor being restarted or stalled on one message, or the resource
+        an actor owns, as the actor last saw it. Asks no one: a busy actor is working."""
         checks, failing = {}, []
-        # An actor that answers "not ok" names the resource it owns; one that does
-        # not answer is named itself.
         resource = {self.peers.mqtt.name: "mqtt", self.peers.db_writer.name: "database",
                     self.peers.registry.name: "database", self.peers.config_publisher.name: "database"}
+        now = time.monotonic()
         for address in self.peers.all:
-            try:
-                ok, detail = address.ask(Health(), min(self.ask_timeout, 2.0))
+            busy_since, handling = address.busy_since, address.handling
+            busy_s = None if busy_since is None else now - busy_since
+            part = address.name
+            if address.ref is None:
+                ok, detail = False, "restarting or stopped"
+            elif busy_s is not None and busy_s > self.stall_after_s:
+                ok, detail = False, f"stalled: on one {handling} for {busy_s:.1f} s"
+            else:
+                ok, detail = address.health or (True, "running")
                 part = resource.get(address.name, address.name)
-            except (ActorUnavailable, pykka.Timeout) as exc:
-                ok, detail, part = False, f"actor not answering: {exc or 'timed out'}", address.name
+                if busy_s is not None:
+                    detail = f"{detail}; busy with {handling} for {busy_s:.1f} s"
             checks[address.name] = {"ok": ok, "detail": detail}
             if not ok and part not in failing:
                 failing.append(part)
@@ -329,11 +338,12 @@ def connection_slots(configured: int) -> int:
 
 
 class HttpApi(SupervisedActor):
-    def __init__(self, context: Context, *, settings: HttpSettings, peers: Peers, metrics, ask_timeout: float):
+    def __init__(self, context: Context, *, settings: HttpSettings, peers: Peers, metrics, ask_timeout: float,
+                 stall_after_s: float):
         super().__init__(context)
         self.settings = settings
         self.metrics = metrics
-        self.app = Api(peers, metrics, settings.token.get_secret_value(), ask_timeout)
+        self.app = Api(peers, metrics, settings.token.get_secret_value(), ask_timeout, stall_after_s)
         self._server: _Server | None = None
         self._workers: _Workers | None = None
         self._thread: threading.Thread | None = None

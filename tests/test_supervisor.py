@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -256,6 +258,50 @@ def test_a_crashed_http_api_is_restarted_and_serves_again_on_the_same_port(in_pr
     with urllib.request.urlopen(url, timeout=10) as answer:
         assert answer.status == 200 and json.loads(answer.read()) == []
     assert daemon.metrics.restarts.labels("http_api")._value.get() == 1
+
+
+def test_healthz_stays_200_while_a_slow_writer_works_and_names_a_stuck_one(in_process, broker, database):
+    slow, stuck, entered, release = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+
+    def hook(actor, message):
+        if actor == "db_writer" and isinstance(message, Deliver) and (slow.is_set() or stuck.is_set()):
+            entered.set()
+            # A batch that takes 3 s (a slow disk, a big batch), or one that never ends.
+            release.wait(3.0 if slow.is_set() else 60)
+
+    daemon, lines = in_process(fault_hook=hook, supervisor={"stall_after_s": 5.0})
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    try:
+        slow.set()
+        publish(broker.port, samples(1))
+        wait_until(entered.is_set, what="the slow batch under way")
+        started = time.monotonic()
+        status, body = _get(daemon, "/healthz")
+        assert status == 200, body
+        assert "busy with Deliver" in body["checks"]["db_writer"]["detail"]
+        assert time.monotonic() - started < 1.0, "healthz waited for the busy writer"
+        wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 1, what="stored")
+        slow.clear()
+        entered.clear()
+        stuck.set()
+        publish(broker.port, samples(1, start=1_764_000_100))
+        wait_until(entered.is_set, what="the stuck batch under way")
+        assert _get(daemon, "/healthz")[0] == 200  # not yet: it may be a long batch
+        status, body = wait_until(lambda: (r := _get(daemon, "/healthz"))[0] == 503 and r, 10,
+                                  "healthz naming the stuck writer")
+        assert body["failing"] == ["db_writer"] and "stalled" in body["checks"]["db_writer"]["detail"]
+    finally:
+        release.set()
+
+
+def _get(daemon, path):
+    http = daemon.settings.http
+    try:
+        with urllib.request.urlopen(f"http://{http.host}:{http.port}{path}", timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def _post(daemon, path, body):
