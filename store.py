@@ -392,10 +392,12 @@ def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: st
     reported = version if isinstance(version, (int, float)) and not isinstance(version, bool) else None
     # A report acknowledges the configs that sent the node where it now reports
     # from: a report from the temp namespace (sent on every connect) is no
-    # acknowledgement of a config that binds the node to a zone.
+    # acknowledgement of a config that binds the node to a zone. Only configs
+    # handed to the link: one still queued cannot have been applied, while one
+    # sent may be applied before its PUBACK is recorded.
     cur.execute(
         "UPDATE node_configs SET status = 'applied', applied_at = now()"
-        " WHERE node_id = %s AND status IN ('queued', 'published', 'timeout')"
+        " WHERE node_id = %s AND status IN ('queued', 'published', 'timeout') AND sent_at IS NOT NULL"
         "   AND (%s::double precision IS NULL OR version <= %s::double precision)"
         "   AND config->>'gh_uid' = %s AND config->>'zone_uid' = %s"
         " RETURNING version",
@@ -477,9 +479,16 @@ def record_config(cur: psycopg.Cursor, *, node_id: int, version: int, payload: b
     return int(cur.fetchone()[0])
 
 
+def mark_sent(cur: psycopg.Cursor, config_ids: list[int]) -> None:
+    """These queued configs are being handed to the broker link (committed before they are)."""
+    cur.execute("UPDATE node_configs SET sent_at = now() WHERE id = ANY(%s) AND status = 'queued'",
+                (list(config_ids),))
+
+
 def mark_published(cur: psycopg.Cursor, config_id: int, topic: str) -> None:
     cur.execute(
-        "UPDATE node_configs SET status = 'published', published_at = now(), topic = %s"
+        "UPDATE node_configs SET status = 'published', published_at = now(), topic = %s,"
+        " sent_at = coalesce(sent_at, now())"
         " WHERE id = %s AND status = 'queued'",
         (topic, config_id),
     )

@@ -2,9 +2,12 @@
 
 A push is recorded as `queued` before it is published, so it survives a
 broker outage and a daemon restart: queued configs are published whenever the
-link comes up, and become `published` on the broker's PUBACK. The node's next
-config_report (handled by the registry) marks them `applied`; a published
-config not applied within `config_ack_timeout_s` becomes `timeout`.
+link comes up, and become `published` on the broker's PUBACK. The time a config
+is handed to the link is committed first (`sent_at`): the node's next
+config_report (handled by the registry) marks a sent config `applied`, never a
+queued one it cannot have; a published config not applied within
+`config_ack_timeout_s` becomes `timeout`. A (re)started publisher asks MqttIo
+for the link's state, so it never answers `queued` while the link is up.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from .. import protocol, store
 from .base import Address, Context, Flush, Health, LinkChanged, SupervisedActor, Ticker, open_pool
-from .mqtt_io import Publish
+from .mqtt_io import Publish, WatchLink
 
 # --- messages ------------------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class ConfigPublisher(SupervisedActor):
         self.pool = open_pool(self.ctx.name, self._dsn, (1, 1))
         interval = min(max(self.ack_timeout_s / 4, 0.05), 5.0)
         self._ticker = Ticker(self.ctx.name, self.ctx.address, _Expire(), interval).start()
+        self.mqtt.tell(WatchLink(self.ctx.address))  # answered with LinkChanged
 
     def release(self) -> None:
         if self._ticker is not None:
@@ -210,24 +214,33 @@ class ConfigPublisher(SupervisedActor):
                     raise PushRefused(400, f"invalid NodeConfig: cannot be encoded as JSON ({exc})") from None
                 config_id = store.record_config(cur, node_id=node["id"], version=int(config["version"]),
                                                 payload=payload, topic=topic)
+                sending = self.link_up
+                if sending:
+                    store.mark_sent(cur, [config_id])
                 if time.monotonic() > deadline:
                     raise too_late  # rolls the transaction back
         version = int(config["version"])
-        self.log.info("config_queued", node_uid=uid, version=version, topic=topic, link_up=self.link_up)
-        if self.link_up:
+        self.log.info("config_queued", node_uid=uid, version=version, topic=topic, link_up=sending)
+        if sending:
             self._send(config_id, uid, version, topic, payload)
-        return PushResult(uid, version, topic, "published" if self.link_up else "queued")
+        return PushResult(uid, version, topic, "published" if sending else "queued")
 
     def _send(self, config_id: int, uid: str, version: int, topic: str, payload: bytes) -> None:
-        if config_id in self._in_flight:
-            return
+        """Hand a config to the link; its sent_at is committed already."""
         self._in_flight.add(config_id)
         self.mqtt.tell(Publish(topic, payload, on_acked=(self.ctx.address, _Acked(config_id, uid, version, topic))))
 
+    def _to_send(self, cur: psycopg.Cursor) -> list[tuple[int, str, int, str, bytes]]:
+        """The queued configs not on their way yet, recorded as sent in `cur`'s transaction."""
+        queued = [q for q in store.queued_configs(cur) if q[0] not in self._in_flight]
+        if queued:
+            store.mark_sent(cur, [q[0] for q in queued])
+        return queued
+
     def _publish_queued(self) -> None:
         try:
-            with self.pool.connection(timeout=5) as conn, conn.cursor() as cur:
-                queued = store.queued_configs(cur)
+            with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
+                queued = self._to_send(cur)
         except psycopg.OperationalError as exc:
             self._database(exc, doing="publish queued configs")
             return  # the next link-up or expiry round tries again
@@ -250,8 +263,7 @@ class ConfigPublisher(SupervisedActor):
         try:
             with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
                 expired = store.expire_configs(cur, self.ack_timeout_s)
-                # Not only when link_up: a restarted publisher has not heard of the link yet.
-                queued = store.queued_configs(cur)
+                queued = self._to_send(cur) if self.link_up else []
         except psycopg.OperationalError as exc:
             self._database(exc, doing="expire unacknowledged configs")
             return  # the schedule goes on: the next round tries again

@@ -55,6 +55,13 @@ class Publish:
 
 
 @dataclass(frozen=True)
+class WatchLink:
+    """From a link watcher that (re)started: tell it LinkChanged with the link's state now."""
+
+    watcher: Address
+
+
+@dataclass(frozen=True)
 class StopIntake:
     """Ask (shutdown): take no new messages; they stay unacknowledged in the broker."""
 
@@ -200,6 +207,8 @@ class MqttIo(SupervisedActor):
                 case _Disconnected(reason):
                     self._take_arrivals(everything=True)  # all of it came on the link now gone
                     self._on_disconnected(reason)
+                case WatchLink(watcher):
+                    watcher.tell(LinkChanged(self.connected))
                 case Health():
                     return self.connected, "broker connected" if self.connected else "broker unreachable"
                 case StopIntake():

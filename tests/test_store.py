@@ -240,3 +240,36 @@ def test_rows_postgresql_refuses_are_left_out_and_named_and_the_rest_of_the_batc
     assert not [d for d in details.values() if "do-not-echo" in d or "COPY" in d]
     stored = conn.execute("SELECT extract(epoch FROM ts)::int - 1764000000 FROM telemetry_samples ORDER BY ts")
     assert [row[0] for row in stored] == [seq for seq in range(20) if seq not in beyond]
+
+
+# --- acknowledging config pushes ------------------------------------------------------
+
+
+def test_a_report_acknowledges_a_config_only_once_it_was_handed_to_the_link(connect):
+    """A queued config cannot have been applied; one handed to the link can, even
+    when the node's report beats the broker's PUBACK."""
+    conn = connect()
+    uid = "nd-ph-a1b2c3d4e5f6"
+    bound = {"version": 1, "gh_uid": "gh-1", "zone_uid": "zn-1", "channels": []}
+
+    def report():
+        return store.store_config_report(cur, node_key=uid, gh="gh-1", zone="zn-1", temp=False,
+                                         topic=f"hydro/gh-1/zn-1/{uid}/config_report", config=bound,
+                                         received_at=time.time())
+
+    def config_status():
+        cur.execute("SELECT status FROM node_configs")
+        return cur.fetchone()[0]
+
+    with conn.transaction(), conn.cursor() as cur:
+        register(cur)
+        node = store.node_for_push(cur, uid)
+        config_id = store.record_config(cur, node_id=node["id"], version=1, payload=json.dumps(bound).encode(),
+                                        topic="hydro/gh-temp/zn-temp/esp32-a1b2c3d4e5f6/config")
+        # Queued, never sent: a report naming it (another push, a replay) acknowledges nothing.
+        assert report().applied_versions == () and config_status() == "queued"
+        store.mark_sent(cur, [config_id])
+        outcome = report()  # before the PUBACK
+        assert outcome.applied_versions == (1,) and outcome.bound_to == ("gh-1", "zn-1")
+        store.mark_published(cur, config_id, "hydro/gh-temp/zn-temp/esp32-a1b2c3d4e5f6/config")  # the PUBACK
+        assert config_status() == "applied"
