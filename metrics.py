@@ -32,6 +32,8 @@ class Metrics:
         self.nodes_registered = Counter("hydrod_nodes_registered", "Nodes created by a node_hello", registry=r)
         self.nodes_marked_offline = Counter("hydrod_nodes_marked_offline", "Nodes marked offline for silence",
                                             registry=r)
+        self.held_reports_expired = Counter("hydrod_held_reports_expired",
+                                            "Held config_reports dropped: their node never said hello", registry=r)
         self.configs_published = Counter("hydrod_configs_published", "Configs taken by the broker", registry=r)
         self.configs_applied = Counter("hydrod_configs_applied", "Configs acknowledged by their node", registry=r)
         self.config_timeouts = Counter("hydrod_config_timeouts", "Configs never acknowledged", registry=r)

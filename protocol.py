@@ -155,7 +155,7 @@ class NodeHello(msgspec.Struct):
     hardware_id: HardwareId
     node_type: str | None = None
     fw_version: str | None = None
-    capabilities: list[str] = []
+    capabilities: list[str] | None = None  # absent: a repeat hello keeps the stored ones
     hardware_revision: str | None = None
     provisioning_meta: ProvisioningMeta | None = None
 

@@ -86,6 +86,9 @@ class TelemetrySettings(_Section):
 class NodesSettings(_Section):
     offline_after_s: Seconds = 120.0
     config_ack_timeout_s: Seconds = 60.0
+    # A config_report held for a node that never says hello is dropped (logged,
+    # counted) after this long.
+    held_report_ttl_s: Seconds = 3 * 86400.0
 
 
 class SupervisorSettings(_Section):

@@ -288,9 +288,12 @@ class Registration:
 
 
 def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_version: str | None,
-                  capabilities: list[str], hardware_revision: str | None, name: str | None,
+                  capabilities: list[str] | None, hardware_revision: str | None, name: str | None,
                   wanted_uid: str | None, base: str, seen_at: float) -> Registration:
     """Create the node for a new hardware id, or update a known one (uid kept).
+
+    A repeat hello without fw_version, capabilities or hardware_revision (None)
+    keeps the stored ones.
 
     One statement for a known node, one for a new one whose uid is free: a
     fleet that says hello all at once after an outage is mostly round trips."""
@@ -298,14 +301,16 @@ def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_v
     cur.execute(
         "WITH old AS (SELECT id, uid, type, fw_version, capabilities, hardware_revision FROM nodes"
         "             WHERE hardware_id = %s FOR UPDATE)"
-        " UPDATE nodes n SET type = %s, fw_version = %s, capabilities = %s, hardware_revision = %s,"
+        " UPDATE nodes n SET type = %s, fw_version = coalesce(%s, n.fw_version),"
+        "   capabilities = coalesce(%s, n.capabilities), hardware_revision = coalesce(%s, n.hardware_revision),"
         "   name = coalesce(%s, n.name),"
         "   status = CASE WHEN n.status_at IS NULL OR n.status_at <= %s THEN 'online' ELSE n.status END,"
         "   status_at = greatest(n.status_at, %s),"
         "   last_seen_at = greatest(n.last_seen_at, %s), updated_at = now()"
         " FROM old WHERE n.id = old.id"
         " RETURNING old.uid, old.type, old.fw_version, old.capabilities, old.hardware_revision",
-        (hardware_id, node_type, fw_version, Jsonb(capabilities), hardware_revision, name, seen, seen, seen),
+        (hardware_id, node_type, fw_version, None if capabilities is None else Jsonb(capabilities),
+         hardware_revision, name, seen, seen, seen),
     )
     row = cur.fetchone()
     if row is not None:
@@ -313,7 +318,7 @@ def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_v
         changed = tuple(field for field, old, new in (
             ("type", old_type, node_type), ("fw_version", old_fw, fw_version),
             ("capabilities", old_caps, capabilities), ("hardware_revision", old_rev, hardware_revision),
-        ) if old != new)
+        ) if new is not None and old != new)
         return Registration(uid, False, changed)
     first = wanted_uid or base
     candidates = itertools.chain([first], (c for c in _uid_candidates(cur, first) if c != first))
@@ -323,7 +328,7 @@ def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_v
             " name, status, status_at, last_seen_at)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, 'online', %s, %s)"
             " ON CONFLICT DO NOTHING RETURNING uid",
-            (candidate, hardware_id, node_type, fw_version, Jsonb(capabilities), hardware_revision,
+            (candidate, hardware_id, node_type, fw_version, Jsonb(capabilities or []), hardware_revision,
              name, seen, seen),
         )
         if cur.fetchone() is not None:
@@ -433,6 +438,16 @@ def lock_node_keys(cur: psycopg.Cursor, keys: Iterable[str]) -> None:
     registering the node under it: neither can miss the other (until commit)."""
     cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(k)) FROM unnest(%s::text[]) AS k ORDER BY k",
                 (NODE_KEY_LOCK, sorted(set(keys))))
+
+
+def expire_held_reports(cur: psycopg.Cursor, ttl_s: float) -> list[tuple[str, str, float]]:
+    """Drop reports held longer than ttl_s (their node never said hello); return (node_key, topic, age s)."""
+    cur.execute(
+        "DELETE FROM held_config_reports WHERE received_at < now() - make_interval(secs => %s)"
+        " RETURNING node_key, topic, extract(epoch FROM now() - received_at)",
+        (ttl_s,),
+    )
+    return [(key, topic, float(age)) for key, topic, age in cur.fetchall()]
 
 
 def take_held_reports(cur: psycopg.Cursor, keys: Iterable[str]) -> list[dict[str, Any]]:

@@ -209,7 +209,8 @@ class Daemon:
                         flush_interval=s.telemetry.flush_interval_ms / 1000)
         factories = {
             "db_writer": lambda ctx: DbWriter.start(
-                ctx, offline_after_s=s.nodes.offline_after_s, pool_size=(s.database.pool_min, s.database.pool_max),
+                ctx, offline_after_s=s.nodes.offline_after_s, held_report_ttl_s=s.nodes.held_report_ttl_s,
+                pool_size=(s.database.pool_min, s.database.pool_max),
                 batch_size=s.telemetry.batch_size, retry=retry(), **consumer),
             "node_registry": lambda ctx: NodeRegistry.start(
                 ctx, pool_size=(1, 1), batch_size=min(s.telemetry.batch_size, 500), retry=retry(), **consumer),

@@ -28,13 +28,14 @@ _REJECT_DETAIL = {
 
 @dataclass(frozen=True)
 class SweepOffline:
-    """Ticker: mark nodes silent for `offline_after_s` offline."""
+    """Ticker: mark nodes silent for `offline_after_s` offline; drop expired held reports."""
 
 
 class DbWriter(BatchConsumer):
-    def __init__(self, context, *, offline_after_s: float, **kwargs):
+    def __init__(self, context, *, offline_after_s: float, held_report_ttl_s: float, **kwargs):
         super().__init__(context, **kwargs)
         self.offline_after_s = offline_after_s
+        self.held_report_ttl_s = held_report_ttl_s
         self._sweeper: Ticker | None = None
         self._status_changes: dict[str, str] = {}
 
@@ -148,6 +149,7 @@ class DbWriter(BatchConsumer):
         try:
             with self.transaction() as cur:
                 silent = store.mark_silent_offline(cur, self.offline_after_s)
+                expired = store.expire_held_reports(cur, self.held_report_ttl_s)
         except psycopg.OperationalError as exc:
             self._database_down(exc, retry=bool(self._pending))
             return
@@ -156,6 +158,10 @@ class DbWriter(BatchConsumer):
         for uid in silent:
             self.log.info("node_offline", node_uid=uid, reason="silent", after_s=self.offline_after_s)
         self.metrics.nodes_marked_offline.inc(len(silent))
+        for node_key, topic, age_s in expired:
+            self.log.info("config_report_expired", node_key=node_key, topic=topic, age_s=round(age_s, 3),
+                          ttl_s=self.held_report_ttl_s)
+        self.metrics.held_reports_expired.inc(len(expired))
 
 
 def _dedup(ts: float, payload: bytes) -> str:

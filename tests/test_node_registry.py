@@ -2,7 +2,7 @@
 
 import threading
 
-from harness import Subscriber, fixtures, publish, query, wait_until
+from harness import Subscriber, fixtures, metric_value, publish, query, wait_until
 
 
 def hello(hardware_id, node_type="ph", **extra):
@@ -142,3 +142,33 @@ def test_a_held_report_for_a_suffixed_uid_is_applied_when_that_node_registers(ma
     wait_until(lambda: query(database, "SELECT config FROM nodes WHERE uid = 'nd-ph-a1b2c3d4e5f6-1'"
                                        " AND config IS NOT NULL"), what="held report applied")
     assert query(database, "SELECT count(*) FROM held_config_reports")[0][0] == 0
+
+
+def test_a_repeat_hello_without_firmware_or_capabilities_keeps_the_stored_ones(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    publish(broker.port, [("hydro/node_hello", hello("esp32-a1b2c3d4e5f6", capabilities=["ph", "temperature"],
+                                                     hardware_revision="rev-b"))])
+    wait_until(lambda: node_rows(database), what="node")
+    publish(broker.port, [("hydro/node_hello", {"message_type": "node_hello", "hardware_id": "esp32-a1b2c3d4e5f6",
+                                                "node_type": "ph", "fw_version": None})])
+    record = daemon.wait_for("node_updated", node_uid="nd-ph-a1b2c3d4e5f6")
+    assert record["changed"] == []
+    [(fw, caps, revision)] = query(database, "SELECT fw_version, capabilities, hardware_revision FROM nodes")
+    assert (fw, caps, revision) == ("1.0.0", ["ph", "temperature"], "rev-b")
+    # Given ones still replace them, an empty list too.
+    publish(broker.port, [("hydro/node_hello", hello("esp32-a1b2c3d4e5f6", fw_version="1.1.0", capabilities=[]))])
+    wait_until(lambda: query(database, "SELECT fw_version, capabilities FROM nodes") == [("1.1.0", [])],
+               what="the new firmware and no capabilities")
+
+
+def test_a_held_report_whose_node_never_says_hello_expires_logged_and_counted(make_daemon, broker, database):
+    daemon = make_daemon(nodes={"held_report_ttl_s": 1.0, "offline_after_s": 2.0})
+    daemon.wait_ready()
+    topic = "hydro/gh-temp/zn-temp/esp32-0000deadbeef/config_report"
+    publish(broker.port, [(topic, {"node_id": "esp32-0000deadbeef", "version": 1, "channels": []})])
+    daemon.wait_for("config_report_held", node_key="esp32-0000deadbeef")
+    record = daemon.wait_for("config_report_expired", node_key="esp32-0000deadbeef")
+    assert record["topic"] == topic and record["age_s"] >= 1.0 and record["ttl_s"] == 1.0
+    assert query(database, "SELECT count(*) FROM held_config_reports")[0][0] == 0
+    assert metric_value(daemon.http("GET", "/metrics")[1], "hydrod_held_reports_expired_total") == 1
