@@ -1,28 +1,16 @@
-"""HttpApi: the operators' HTTP API (SPEC §6), served by waitress.
+"""HttpApi: the operators' HTTP API (SPEC §6).
 
-The actor owns the server: one thread runs waitress's event loop, which holds
-the connections, and `http.threads` workers run the requests. Workers only ask
-the other actors, each ask with a timeout, and turn the answers into JSON.
-
-HTTP clients can never take the file descriptors that the broker link and the
-database pools need: at most min(http.connection_limit, the soft RLIMIT_NOFILE
-- RESERVED_FDS) connections are open at once. When every slot is taken, the
-connection idle the longest is closed to make room for the new one (as nginx
-reuses idle keep-alive connections), so idle clients cannot lock out the
-others; an idle connection is closed after IDLE_TIMEOUT_S anyway. waitress
-reads a whole request body (at most MAX_BODY, chunked or not) before the
-application sees the request, and an error answer closes the connection.
+The actor owns the server (http_server.py: waitress, with bounded connections
+and workers). Its workers run the WSGI application below, which only asks the
+other actors, each ask with a timeout, and turns the answers into JSON.
 """
 
 from __future__ import annotations
 
-import errno
 import hmac
 import json
 import math
 import re
-import resource
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,10 +21,6 @@ import psycopg
 import pykka
 import structlog
 from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
-from waitress import wasyncore
-from waitress.channel import HTTPChannel
-from waitress.server import TcpWSGIServer
-from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
@@ -44,13 +28,8 @@ from .. import protocol
 from ..settings import HttpSettings
 from .base import ActorUnavailable, Address, Context, Health, SupervisedActor
 from .config_publisher import PushConfig, PushRefused
+from .http_server import MAX_BODY, HttpServer
 from .node_registry import ListNodes
-
-MAX_BODY = 256 * 1024
-# File descriptors kept for everything but HTTP connections: stdio, the broker
-# link, the database pools (also while they reconnect), the server's own.
-RESERVED_FDS = 100
-IDLE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -263,78 +242,12 @@ def _encode(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-# --- the server ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ServerStopped:
+    """From a server's event loop thread: it ended on an error."""
 
-
-class _Task(WSGITask):
-    """An error answer closes the connection: a client in trouble starts afresh."""
-
-    def build_response_header(self):
-        if not self.status.startswith(("1", "2", "3")):
-            self.set_close_on_finish()
-        return super().build_response_header()
-
-
-class _ErrorTask(ErrorTask):
-    """waitress's own refusals (a body too large, a malformed request), in JSON like the API's."""
-
-    def execute(self):
-        error = self.request.error
-        message = (f"body too large: over {MAX_BODY} bytes" if error.code == 413
-                   else f"{error.reason.lower()}: {error.body}")
-        body = json.dumps({"error": message}).encode()
-        self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
-        self.set_close_on_finish()
-        self.content_length = len(body)
-        self.write(body)
-
-
-class _Channel(HTTPChannel):
-    task_class = _Task
-    error_task_class = _ErrorTask
-
-
-class _Workers(ThreadedTaskDispatcher):
-    """waitress's worker threads, named after the actor."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-
-    def start_new_thread(self, target, thread_no):
-        threading.Thread(target=target, args=(thread_no,), name=f"{self.name}-worker-{thread_no}",
-                         daemon=True).start()
-
-
-class _Server(TcpWSGIServer):
-    """waitress's server, with room made for a new connection when every slot is taken."""
-
-    channel_class = _Channel
-
-    def __init__(self, app, *, slots: int, on_shed, **kwargs):
-        self.slots = slots
-        self.on_shed = on_shed
-        super().__init__(app, **kwargs)
-
-    def handle_accept(self):
-        # Runs on the event loop's thread, like waitress's own maintenance().
-        open_channels = [c for c in list(self.active_channels.values()) if not c.will_close]
-        if len(open_channels) >= self.slots:
-            idle = [c for c in open_channels if not c.requests]
-            if idle:
-                min(idle, key=lambda c: c.last_activity).will_close = True
-                self.on_shed()
-            # All busy: waitress's connection_limit stops accepting until one is done.
-        super().handle_accept()
-
-
-def connection_slots(configured: int) -> int:
-    """HTTP connections allowed at once: what is configured, within the file descriptors."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return configured
-    return max(1, min(configured, soft - RESERVED_FDS))
+    server: HttpServer
+    error: str
 
 
 class HttpApi(SupervisedActor):
@@ -344,68 +257,45 @@ class HttpApi(SupervisedActor):
         self.settings = settings
         self.metrics = metrics
         self.app = Api(peers, metrics, settings.token.get_secret_value(), ask_timeout, stall_after_s)
-        self._server: _Server | None = None
-        self._workers: _Workers | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self.server: HttpServer | None = None
         self._shed_logged = -math.inf
 
     def on_start(self) -> None:
-        host, port = self.settings.host, self.settings.port
-        slots = connection_slots(self.settings.connection_limit)
-        workers = _Workers(self.ctx.name)
-        sockets: dict = {}
-        try:
-            # Binding fails here, loudly, if the port is taken.
-            self._server = _Server(
-                self.app, map=sockets, dispatcher=workers, slots=slots, on_shed=self._shed,
-                host=host, port=port, ident="hydrod", max_request_body_size=MAX_BODY,
-                # Past `slots`: the listener, the wake-up pipe, and connections being closed.
-                connection_limit=slots + 4, channel_timeout=IDLE_TIMEOUT_S, cleanup_interval=1,
-                asyncore_use_poll=True)  # select() cannot watch descriptors past 1023
-        except (OSError, ValueError) as exc:
-            wasyncore.close_all(sockets)
-            why = "address in use" if getattr(exc, "errno", None) == errno.EADDRINUSE else str(exc)
-            raise OSError(f"cannot listen on {host}:{port}: {why}") from None
-        workers.set_thread_count(self.settings.threads)
-        self._workers = workers
-        self._thread = threading.Thread(target=self._serve, args=(sockets,), name=f"{self.ctx.name}-server",
-                                        daemon=True)
-        self._thread.start()
-        self.log.info("http_listening", host=host, port=int(self._server.effective_port), connection_limit=slots,
-                      threads=self.settings.threads)
+        # Binding fails here, loudly, if the port is taken.
+        self.server = HttpServer(self.ctx.name, self.app, host=self.settings.host, port=self.settings.port,
+                                 connection_limit=self.settings.connection_limit, threads=self.settings.threads,
+                                 on_shed=self._shed, on_failed=self._server_failed)
+        self.server.start()
+        self.log.info("http_listening", host=self.settings.host, port=self.server.port,
+                      connection_limit=self.server.slots, threads=self.settings.threads)
 
-    def _serve(self, sockets: dict) -> None:
-        try:
-            while not self._stopping.is_set():
-                wasyncore.loop(timeout=1.0, map=sockets, use_poll=True, count=1)
-        finally:
-            wasyncore.close_all(sockets)  # on this thread, which owns the sockets
+    def _server_failed(self, server: HttpServer, error: BaseException) -> None:
+        # On the server's thread: the actor fails in its own, and is restarted.
+        self.ctx.address.tell(_ServerStopped(server, repr(error)))
 
     def _shed(self) -> None:
+        # On the server's thread.
         self.metrics.http_connections_shed.inc()
         now = time.monotonic()
         if now - self._shed_logged >= 60:
             self._shed_logged = now
-            self.log.warning("http_connections_shed", connection_limit=self._server.slots,
+            self.log.warning("http_connections_shed", connection_limit=self.server.slots,
                              detail="every connection slot was taken: the connection idle the longest was closed "
                                     "(each one counted in hydrod_http_connections_shed_total)")
 
     def release(self) -> None:
-        if self._server is None:
-            return
-        self._stopping.set()
-        try:
-            self._server.pull_trigger()  # wakes the loop at once
-        except OSError:
-            pass  # the loop has stopped and closed it already
-        self._thread.join(5)
-        self._workers.shutdown(timeout=5)
-        self._server = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     def handle(self, message: Any) -> Any:
         match message:
             case Health():
-                return self._thread is not None and self._thread.is_alive(), "serving"
+                alive = self.server is not None and self.server.alive
+                return alive, "serving" if alive else "not serving"
+            case _ServerStopped(server, error) if server is self.server:
+                raise RuntimeError(f"the HTTP server stopped: {error}")
+            case _ServerStopped():
+                return None  # replayed to a new incarnation, which has its own server
             case _:
                 raise TypeError(f"HttpApi does not handle {type(message).__name__}")
