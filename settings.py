@@ -171,7 +171,22 @@ def from_dict(raw: dict[str, Any], environ: dict[str, str] | None = None,
                           f"is above database.pool_max ({settings.database.pool_max})")
     if settings.mqtt.tls is False and settings.mqtt.ca_file:
         raise ConfigError(f"{source}: mqtt.ca_file is set but mqtt.tls is false")
+    if settings.mqtt.ca_file and (problem := _unreadable(settings.mqtt.ca_file)):
+        raise ConfigError(f"{source}: `mqtt.ca_file` {settings.mqtt.ca_file}: {problem}")
     return settings
+
+
+def _unreadable(path: str) -> str | None:
+    """Why a file cannot be read, or None: opened for real, as paho will open it."""
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return "not found"
+    except IsADirectoryError:
+        return "is a directory"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -107,3 +107,22 @@ def test_a_malformed_dsn_is_a_config_error_that_does_not_show_the_password():
 def test_a_duration_must_be_finite_and_sane(value):
     with pytest.raises(ConfigError, match="nodes.config_ack_timeout_s"):
         settings.from_dict({"nodes": {"config_ack_timeout_s": value}})
+
+
+def test_a_ca_file_that_is_missing_or_not_a_file_is_a_config_error_naming_key_and_path(tmp_path):
+    for path, why in [(tmp_path / "absent.pem", "not found"), (tmp_path, "is a directory")]:
+        with pytest.raises(ConfigError) as caught:
+            settings.from_dict({"mqtt": {"tls": True, "ca_file": str(path)}})
+        assert f"`mqtt.ca_file` {path}: {why}" in str(caught.value)
+    present = tmp_path / "ca.pem"
+    present.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert settings.from_dict({"mqtt": {"tls": True, "ca_file": str(present)}}).mqtt.ca_file == str(present)
+
+
+def test_a_missing_ca_file_stops_hydrod_run_with_exit_2_before_anything_starts(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[mqtt]\ntls = true\nca_file = "{tmp_path}/absent.pem"\n')
+    result = _hydrod("run", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"hydrod: {config}: `mqtt.ca_file` {tmp_path}/absent.pem: not found"
+    assert '"actor_started"' not in result.stdout
