@@ -45,14 +45,25 @@ def main(argv: list[str] | None = None, fault_hook=None) -> int:
             return run(config, args, fault_hook)
         return COMMANDS[args.command](config, args)
     except HydrodError as exc:
-        _fatal(exc, exc.exit_code)
+        _fatal(str(exc), exc.exit_code, exc.__cause__)
         return exc.exit_code
+    except Exception as exc:  # a bug: still one line each, never a bare traceback
+        _fatal(f"unexpected error: {type(exc).__name__}: {exc}", UNEXPECTED, exc)
+        return UNEXPECTED
 
 
-def _fatal(exc: BaseException, code: int) -> None:
-    # One clear line, on stdout as JSON for the journal and on stderr for a person.
-    structlog.get_logger("hydrod").bind(actor="daemon").error("daemon_failed", error=str(exc), exit_code=code)
-    print(f"hydrod: {exc}", file=sys.stderr)
+UNEXPECTED = 1  # the exit code of an unexpected exception, as of any other fatal error
+
+
+def _fatal(error: str, code: int, cause: BaseException | None = None) -> None:
+    """One clear line, on stdout as JSON for the journal and on stderr for a person.
+
+    The traceback of an unexpected cause (not one hydrod names itself, nor an OSError,
+    whose message says it all) goes in the JSON line's `exception` field."""
+    expected = cause is None or isinstance(cause, (HydrodError, OSError))
+    structlog.get_logger("hydrod").bind(actor="daemon").error(
+        "daemon_failed", error=error, exit_code=code, exc_info=None if expected else cause)
+    print(f"hydrod: {error}", file=sys.stderr)
 
 
 def run(config, args, fault_hook=None) -> int:
@@ -64,7 +75,7 @@ def run(config, args, fault_hook=None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # dump thread tracebacks
     try:
         daemon.start()
-    except HydrodError:
+    except Exception:
         daemon.shutdown()
         raise
     daemon.wait()
@@ -88,11 +99,11 @@ def check_config(config, args) -> int:
 
 def nodes(config, args) -> int:
     try:
-        with psycopg.connect(config.database.dsn.get_secret_value(), connect_timeout=5) as conn:
+        with store.connect(config.database.dsn.get_secret_value()) as conn:
             rows = store.list_nodes(conn)
     except psycopg.Error as exc:
         from .errors import DatabaseUnavailable
-        raise DatabaseUnavailable(f"cannot read nodes: {str(exc).strip().splitlines()[0]}") from None
+        raise DatabaseUnavailable(f"cannot read nodes: {store.error_line(exc)}") from None
     if args.json:
         for row in rows:
             print(json.dumps(row, default=str))

@@ -16,12 +16,44 @@ from importlib import resources
 from typing import Any, Iterable
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from .errors import ConfigError
 from .protocol import STORE_REFUSED
 
 MIGRATION_LOCK = 0x687964726F64  # "hydrod": one migrator at a time
+
+# --- connecting (start-up and the commands) ---------------------------------------
+
+# What libpq (fe-connect.c) and psycopg say of an option value they cannot use:
+# no wait fixes these. Anything else (refused, timed out, DNS) may pass.
+_BAD_OPTION = re.compile(r'invalid (?:integer value "[^"]*" for connection option|[\w ]+ value: |port number)'
+                         r'|could not match \d+ (?:port numbers|host names) to')
+
+
+def connect(dsn: str, timeout: float = 5) -> psycopg.Connection:
+    """A connection for start-up and the commands.
+
+    A DSN option libpq refuses raises ConfigError (its password never shown);
+    psycopg.OperationalError means PostgreSQL could not be reached."""
+    try:
+        return psycopg.connect(dsn, connect_timeout=timeout)
+    except psycopg.OperationalError as exc:
+        message = error_line(exc)
+        if _BAD_OPTION.search(message):
+            password = conninfo_to_dict(dsn).get("password")
+            if password:
+                message = message.replace(str(password), "*****")
+            raise ConfigError(f"`database.dsn`: {message}") from None
+        raise
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of a psycopg error, without libpq's 'connection is bad:' prefix."""
+    text = str(exc).strip()
+    return text.splitlines()[0].removeprefix("connection is bad: ") if text else type(exc).__name__
 
 # --- migrations ---------------------------------------------------------------
 

@@ -243,11 +243,11 @@ class Daemon:
         backoff = Backoff(s.retry_min_s, min(s.retry_max_s, 2.0))
         while True:
             try:
-                with psycopg.connect(s.dsn.get_secret_value(), connect_timeout=5) as conn:
+                with store.connect(s.dsn.get_secret_value()) as conn:
                     applied = store.migrate(conn)
                 break
             except psycopg.OperationalError as exc:
-                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                error = store.error_line(exc)
                 if time.monotonic() >= deadline:
                     raise DatabaseUnavailable(f"PostgreSQL unreachable for {s.startup_timeout_s:g} s: {error}") from None
                 if backoff.attempts == 0:
@@ -354,11 +354,14 @@ class Daemon:
 
 
 def _cause(exc: BaseException) -> str:
+    """Why an actor did not answer its start-up ping: its on_start error, as it said it."""
     if isinstance(exc, pykka.ActorDeadError):
         return "it stopped during start-up (see the error logged just before)"
     if isinstance(exc, pykka.Timeout):
         return "it did not answer in time"
-    return repr(exc)
+    if isinstance(exc, OSError) and str(exc):
+        return str(exc)  # says what and where: "cannot listen on 127.0.0.1:6001: ..."
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _identity(actor: str, message: Any) -> tuple:

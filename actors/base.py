@@ -178,8 +178,22 @@ class SupervisedActor(pykka.ThreadingActor):
         self.ctx = context
         self.log = structlog.get_logger("hydrod", actor=context.name)
         self._current: Any = None
+        # pykka logs an exception from on_start and stops the actor, so the
+        # supervisor's start-up ping would only hear "dead", never why. Each
+        # actor's on_start runs guarded instead: its error is the answer to the
+        # ping, and the stop that follows still releases what it had made.
+        self._start_error: Exception | None = None
+        self._unguarded_start, self.on_start = self.on_start, self._guarded_start
+
+    def _guarded_start(self) -> None:
+        try:
+            self._unguarded_start()
+        except Exception as exc:
+            self._start_error = exc
 
     def on_receive(self, message: Any) -> Any:
+        if self._start_error is not None:
+            raise self._start_error
         self._current = message
         address = self.ctx.address
         address.handling, address.busy_since = type(message).__name__, time.monotonic()

@@ -1,8 +1,13 @@
 """The command line (SPEC §5): migrate, nodes, and fatal errors as one clear line."""
 
 import json
+import socket
 import subprocess
 import sys
+import textwrap
+import time
+
+import pytest
 
 from harness import fast_config, free_port, merge_sections, publish, query, to_toml, wait_until
 from hydrod import store
@@ -56,18 +61,54 @@ def test_an_unreachable_database_at_start_is_one_clear_line_and_exit_3(tmp_path)
     assert failed and failed[0]["exit_code"] == 3
 
 
-def test_a_taken_http_port_is_a_clear_start_up_error(tmp_path, broker, database):
-    import socket
+def fatal_line(result):
+    """The daemon_failed record: there must be exactly one."""
+    [failed] = [json.loads(line) for line in result.stdout.splitlines() if '"daemon_failed"' in line]
+    return failed
+
+
+def test_a_taken_http_port_is_a_clear_start_up_error_naming_the_cause(tmp_path, broker, database):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config = write_config(tmp_path, database={"dsn": database}, mqtt={"port": broker.port},
-                              http={"port": taken.getsockname()[1]})
         port = taken.getsockname()[1]
+        config = write_config(tmp_path, database={"dsn": database}, mqtt={"port": broker.port},
+                              http={"port": port})
         result = hydrod("run", "--config", config)
     assert result.returncode == 4
-    assert "http_api did not start" in result.stderr
-    assert f"cannot listen on 127.0.0.1:{port}: address in use" in result.stdout
+    failed = fatal_line(result)
+    assert failed["exit_code"] == 4
+    assert "http_api did not start" in failed["error"]
+    assert f"cannot listen on 127.0.0.1:{port}: address in use" in failed["error"]
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("hydrod: ")
+    assert f"cannot listen on 127.0.0.1:{port}: address in use" in result.stderr
+
+
+BREAKS_AT_START = textwrap.dedent("""
+    import sys
+    from hydrod import cli, store
+
+    def broken(conn):
+        raise KeyError("injected bug")
+
+    store.migrate = broken
+    sys.exit(cli.main(["--config", sys.argv[1], "run"]))
+""")
+
+
+def test_an_unexpected_exception_at_start_is_one_json_line_with_the_traceback_and_one_stderr_line(
+        tmp_path, database):
+    config = write_config(tmp_path, database={"dsn": database})
+    result = subprocess.run([sys.executable, "-c", BREAKS_AT_START, config], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert all(line.startswith("{") for line in result.stdout.splitlines()), result.stdout
+    failed = fatal_line(result)
+    assert failed["exit_code"] == 1 and "KeyError" in failed["error"] and "injected bug" in failed["error"]
+    assert "Traceback" in failed["exception"] and "in broken" in failed["exception"]
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("hydrod: ") and "injected bug" in result.stderr
 
 
 def test_a_bad_config_stops_before_anything_starts(tmp_path):
@@ -83,3 +124,28 @@ def test_sigterm_while_waiting_for_the_database_exits_0_at_once(make_daemon):
     daemon.wait_for("db_unavailable", doing="migrate")
     assert daemon.terminate(timeout=10) == 0
     assert daemon.events("migrations_abandoned") and daemon.events("daemon_stopped")
+
+
+@pytest.mark.parametrize("option", ["sslmode=bogus", "keepalives=x", "target_session_attrs=bogus"])
+def test_a_dsn_option_libpq_refuses_is_a_config_error_at_once_that_does_not_show_the_password(
+        tmp_path, pg_server, option):
+    dsn = f"postgresql://hydrod:s3cretpw@{pg_server.host}:{pg_server.port}/postgres?{option}"
+    config = write_config(tmp_path, database={"dsn": dsn, "startup_timeout_s": 30.0})
+    started = time.monotonic()
+    result = hydrod("run", "--config", config)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 10, "retried as if PostgreSQL were away"
+    name = option.split("=")[0]
+    assert result.stderr.startswith("hydrod: `database.dsn`: ") and name in result.stderr
+    assert fatal_line(result)["exit_code"] == 2
+    assert "s3cretpw" not in result.stdout + result.stderr
+    assert '"db_unavailable"' not in result.stdout
+
+
+def test_migrate_and_nodes_refuse_a_bad_dsn_option_as_a_config_error_too(tmp_path, pg_server):
+    dsn = f"postgresql://{pg_server.host}:{pg_server.port}/postgres?sslmode=bogus"
+    config = write_config(tmp_path, database={"dsn": dsn, "startup_timeout_s": 30.0})
+    for command in ("migrate", "nodes"):
+        result = hydrod(command, "--config", config)
+        assert result.returncode == 2, (command, result.stderr)
+        assert 'invalid sslmode value: "bogus"' in result.stderr
