@@ -13,6 +13,12 @@ class ConfigError(HydrodError):
     exit_code = 2
 
 
+class DatabaseUnusable(ConfigError):
+    """The database answers, but hydrod cannot use it as it is (not UTF-8).
+
+    Waiting will not fix it, so it ends hydrod like a config error, exit 2."""
+
+
 class DatabaseUnavailable(HydrodError):
     """PostgreSQL could not be reached (or migrated) in time."""
 

@@ -20,7 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from .errors import ConfigError
+from .errors import ConfigError, DatabaseUnusable
 from .protocol import STORE_REFUSED
 
 MIGRATION_LOCK = 0x687964726F64  # "hydrod": one migrator at a time
@@ -34,12 +34,13 @@ _BAD_OPTION = re.compile(r'invalid (?:integer value "[^"]*" for connection optio
 
 
 def connect(dsn: str, timeout: float = 5) -> psycopg.Connection:
-    """A connection for start-up and the commands.
+    """A connection for start-up and the commands, to a database hydrod can use.
 
-    A DSN option libpq refuses raises ConfigError (its password never shown);
-    psycopg.OperationalError means PostgreSQL could not be reached."""
+    A DSN option libpq refuses raises ConfigError (its password never shown), a
+    database that is not UTF-8 DatabaseUnusable; psycopg.OperationalError means
+    PostgreSQL could not be reached."""
     try:
-        return psycopg.connect(dsn, connect_timeout=timeout)
+        conn = psycopg.connect(dsn, connect_timeout=timeout)
     except psycopg.OperationalError as exc:
         message = error_line(exc)
         if _BAD_OPTION.search(message):
@@ -48,6 +49,16 @@ def connect(dsn: str, timeout: float = 5) -> psycopg.Connection:
                 message = message.replace(str(password), "*****")
             raise ConfigError(f"`database.dsn`: {message}") from None
         raise
+    # Node names, configs and events are text and JSON from anywhere: a SQL_ASCII
+    # database (initdb without LANG) stores bytes it cannot compare or escape.
+    encoding = conn.info.parameter_status("server_encoding")
+    if encoding != "UTF8":
+        name = conn.info.dbname
+        conn.close()
+        raise DatabaseUnusable(f"database {name} is {encoding}, and hydrod needs UTF8: create it with CREATE "
+                               f"DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' "
+                               "TEMPLATE template0")
+    return conn
 
 
 def error_line(exc: BaseException) -> str:

@@ -176,7 +176,10 @@ class PgServer:
 
     def create_database(self) -> str:
         name = f"hydrod_test_{secrets.token_hex(6)}"
-        query(self.admin_dsn, f'CREATE DATABASE "{name}"')
+        # UTF-8 whatever the cluster's default (SQL_ASCII when initdb ran without LANG);
+        # the C locale exists everywhere and goes with any encoding.
+        query(self.admin_dsn, f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' "
+                              "TEMPLATE template0")
         return name
 
     def drop_database(self, name: str) -> None:

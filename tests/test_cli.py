@@ -1,6 +1,7 @@
 """The command line (SPEC §5): migrate, nodes, and fatal errors as one clear line."""
 
 import json
+import secrets
 import socket
 import subprocess
 import sys
@@ -149,3 +150,31 @@ def test_migrate_and_nodes_refuse_a_bad_dsn_option_as_a_config_error_too(tmp_pat
         result = hydrod(command, "--config", config)
         assert result.returncode == 2, (command, result.stderr)
         assert 'invalid sslmode value: "bogus"' in result.stderr
+
+
+@pytest.fixture
+def sql_ascii_database(pg_server):
+    """A database such as a cluster made without LANG holds: SQL_ASCII, no encoding at all."""
+    name = f"hydrod_test_ascii_{secrets.token_hex(4)}"
+    query(pg_server.admin_dsn, f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' TEMPLATE template0 "
+                               "LC_COLLATE 'C' LC_CTYPE 'C'")
+    try:
+        yield pg_server.dsn(name)
+    finally:
+        pg_server.drop_database(name)
+
+
+def test_a_database_that_is_not_utf8_is_refused_with_one_clear_line_by_run_migrate_and_nodes(
+        tmp_path, broker, sql_ascii_database):
+    config = write_config(tmp_path, database={"dsn": sql_ascii_database}, mqtt={"port": broker.port})
+    for command in ("run", "migrate", "nodes"):
+        result = hydrod(command, "--config", config)
+        assert result.returncode == 2, (command, result.stdout[-2000:], result.stderr)
+        assert result.stderr.strip().count("\n") == 0, (command, result.stderr)
+        assert "SQL_ASCII" in result.stderr and "UTF8" in result.stderr, (command, result.stderr)
+        assert fatal_line(result)["exit_code"] == 2
+    assert query(sql_ascii_database, "SELECT to_regclass('schema_migrations')") == [(None,)]
+
+
+def test_the_tests_own_databases_are_utf8(database):
+    assert query(database, "SHOW server_encoding") == [("UTF8",)]
