@@ -71,13 +71,20 @@ class Close:
     """Ask (shutdown): send the acknowledgements due, then disconnect keeping the session."""
 
 
+# What paho's callbacks and the reconnect timers send carry `link`: the paho
+# client they are about. A crashed MqttIo's client and timers may still speak
+# after its replacement took the address; what they say is not about the
+# replacement's link, and it ignores them.
+
+
 @dataclass(frozen=True)
 class _Connect:
-    pass
+    link: mqtt.Client
 
 
 @dataclass(frozen=True)
 class _Connected:
+    link: mqtt.Client
     reason: str
     failed: bool
     session_present: bool
@@ -85,18 +92,24 @@ class _Connected:
 
 @dataclass(frozen=True)
 class _Disconnected:
+    link: mqtt.Client
     reason: str
 
 
 @dataclass(frozen=True)
 class _Subscribed:
+    link: mqtt.Client
     mid: int
     refused: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class _PubAcked:
+    link: mqtt.Client
     mid: int
+
+
+_LINK_MESSAGES = (_Connect, _Connected, _Disconnected, _Subscribed, _PubAcked)
 
 
 # --- paho's log ---------------------------------------------------------------------------
@@ -136,6 +149,7 @@ class MqttIo(SupervisedActor):
         self.ledger = Ledger(start=time.monotonic_ns())
         self.epoch = 0
         self.connected = False
+        self.connecting = False  # a CONNECT is out, its answer not in: no second one starts
         self.intake = True
         self.closing = False
         self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
@@ -166,16 +180,16 @@ class MqttIo(SupervisedActor):
         self.arrivals = Arrivals(wake=lambda: me.tell(_Arrived()))
         client.on_message = self.arrivals.on_message
         client.on_connect = lambda _c, _u, flags, rc, _p: me.tell(
-            _Connected(str(rc), rc.is_failure, bool(flags.session_present)))
-        client.on_disconnect = lambda _c, _u, _f, rc, _p: me.tell(_Disconnected(str(rc)))
+            _Connected(client, str(rc), rc.is_failure, bool(flags.session_present)))
+        client.on_disconnect = lambda _c, _u, _f, rc, _p: me.tell(_Disconnected(client, str(rc)))
         client.on_subscribe = lambda _c, _u, mid, codes, _p: me.tell(
-            _Subscribed(mid, tuple(str(c) for c in codes if c.is_failure)))
-        client.on_publish = lambda _c, _u, mid, _rc, _p: me.tell(_PubAcked(mid))
+            _Subscribed(client, mid, tuple(str(c) for c in codes if c.is_failure)))
+        client.on_publish = lambda _c, _u, mid, _rc, _p: me.tell(_PubAcked(client, mid))
         return client
 
     def on_start(self) -> None:
         self.client = self._build_client()
-        self.ctx.address.tell(_Connect())
+        self.ctx.address.tell(_Connect(self.client))
 
     def release(self) -> None:
         client, self.client = self.client, None
@@ -188,13 +202,15 @@ class MqttIo(SupervisedActor):
     def handle(self, message: Any) -> Any:
         if type(message) is _Arrived:
             self._take_arrivals()
+        elif isinstance(message, _LINK_MESSAGES) and message.link is not self.client:
+            pass  # about a link that is gone: an earlier incarnation's, or one closed
         else:
             match message:
                 case Settled(seqs):
                     self._acknowledge(seqs)
                 case Publish():
                     self._publish(message)
-                case _PubAcked(mid):
+                case _PubAcked(_, mid):
                     waiter = self._publish_waiters.pop(mid, None)
                     if waiter is not None:
                         waiter[0].tell(waiter[1])
@@ -202,9 +218,9 @@ class MqttIo(SupervisedActor):
                     self._connect()
                 case _Connected():
                     self._on_connected(message)
-                case _Subscribed(mid, refused):
+                case _Subscribed(_, mid, refused):
                     self._on_subscribed(mid, refused)
-                case _Disconnected(reason):
+                case _Disconnected(_, reason):
                     self._take_arrivals(everything=True)  # all of it came on the link now gone
                     self._on_disconnected(reason)
                 case WatchLink(watcher):
@@ -217,6 +233,8 @@ class MqttIo(SupervisedActor):
                     return len(self.ledger)
                 case Close():
                     self.closing = True
+                    self.connected = False  # what paho says of this link from now on is ignored
+                    self.metrics.mqtt_connected.set(0)
                     if self.client is not None:
                         self.client.disconnect()
                         self.client.loop_stop()
@@ -361,7 +379,7 @@ class MqttIo(SupervisedActor):
     # -- the link --
 
     def _connect(self) -> None:
-        if self.client is None or self.closing or self.connected:
+        if self.client is None or self.closing or self.connected or self.connecting:
             return
         s = self.settings
         properties = Properties(PacketTypes.CONNECT)
@@ -380,6 +398,8 @@ class MqttIo(SupervisedActor):
         rc = self.client.loop_start()
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self._retry_connect(f"cannot start network thread: {mqtt.error_string(rc)}")
+            return
+        self.connecting = True  # until the broker's answer, or the link's end
 
     def _retry_connect(self, error: str | None) -> None:
         """Try again after a backoff; `error` None: the disconnect was logged already."""
@@ -388,9 +408,10 @@ class MqttIo(SupervisedActor):
             log = self.log.warning if self.backoff.attempts <= 1 else self.log.debug
             log("mqtt_connect_failed", host=self.settings.host, port=self.settings.port, error=error,
                 retry_in_s=round(delay, 3), attempt=self.backoff.attempts)
-        tell_later(self.ctx.address, _Connect(), delay)
+        tell_later(self.ctx.address, _Connect(self.client), delay)
 
     def _on_connected(self, message: _Connected) -> None:
+        self.connecting = False
         if self.client is None or self.closing:
             return  # a late answer to a link we are closing
         if message.failed:
@@ -431,6 +452,7 @@ class MqttIo(SupervisedActor):
     def _on_disconnected(self, reason: str) -> None:
         was_connected = self.connected
         self.connected = False
+        self.connecting = False
         self.epoch += 1  # acks for what came before this point are void
         self._publish_waiters.clear()
         self.metrics.mqtt_connected.set(0)

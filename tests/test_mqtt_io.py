@@ -11,7 +11,7 @@ from harness import metric_value, publish, query, wait_until
 from hydrod import logs, settings
 from hydrod.actors.base import Address, Context
 from hydrod.actors.inbound import Arrivals, Ledger
-from hydrod.actors.mqtt_io import Close, MqttIo, StopIntake
+from hydrod.actors.mqtt_io import Close, MqttIo, StopIntake, _Connect, _Disconnected
 from hydrod.metrics import Metrics
 from test_supervisor import HELLO, UID, LogLines, in_process  # noqa: F401 (LogLines, in_process: fixtures)
 
@@ -102,10 +102,7 @@ class _FailingAcks:
 
 def test_the_acked_counter_counts_only_acknowledgements_that_went_out():
     metrics = Metrics()
-    address = Address("mqtt_io")
-    io = MqttIo(Context("mqtt_io", address, Address("supervisor")), settings=settings.MqttSettings(),
-                registry=Address("node_registry"), history=Address("db_writer"), link_watchers=(),
-                metrics=metrics, batch_size=10, max_pending=100)
+    io = make_io(metrics)
     io.client, io.connected = _FailingAcks(ok=2), True
     seqs = [io.ledger.admit(mid, 1, io.epoch) for mid in (1, 2, 3, 4)]
     io._acknowledge(seqs)
@@ -152,3 +149,42 @@ def test_closing_the_link_never_logs_at_error_level(broker):
         ref.stop(timeout=5)
     assert len(lines.events("mqtt_connected")) == 40
     assert [r for r in list(lines.records) if r["level"] in ("error", "critical")] == []
+
+
+def make_io(metrics=None):
+    """An MqttIo that is not started: its logic, driven by hand."""
+    return MqttIo(Context("mqtt_io", Address("mqtt_io"), Address("supervisor")), settings=settings.MqttSettings(),
+                  registry=Address("node_registry"), history=Address("db_writer"), link_watchers=(),
+                  metrics=metrics or Metrics(), batch_size=10, max_pending=100)
+
+
+class _UnansweredLink:
+    """A paho client whose CONNECT is out and not answered yet (a slow TLS handshake)."""
+
+    def __init__(self):
+        self.connects = 0
+
+    def connect(self, *_args, **_kwargs):
+        self.connects += 1
+        return mqtt.MQTT_ERR_SUCCESS
+
+    def loop_start(self):
+        return mqtt.MQTT_ERR_SUCCESS
+
+
+def test_a_second_connect_never_starts_while_one_is_in_progress():
+    io = make_io()
+    io.client = link = _UnansweredLink()
+    io.handle(_Connect(link))
+    io.handle(_Connect(link))  # a retry timer firing meanwhile
+    assert link.connects == 1
+
+
+def test_what_an_earlier_link_says_is_ignored():
+    io = make_io()
+    io.client = link = _UnansweredLink()
+    io.handle(_Connect(link))
+    gone = _UnansweredLink()  # a crashed incarnation's client, still talking
+    io.handle(_Disconnected(gone, "Normal disconnection"))
+    io.handle(_Connect(gone))
+    assert io.connecting and link.connects == 1 and gone.connects == 0

@@ -431,3 +431,29 @@ def test_a_failing_stats_line_is_logged_and_the_schedule_and_supervision_go_on(i
     lines.wait_for("actor_restarted", restarted_actor="db_writer")
     wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 10, what="10 samples")
     assert not daemon.stopping.is_set()
+
+
+def test_a_crashed_mqtt_io_is_restarted_relinks_once_and_everything_is_stored_once(in_process, broker, database):
+    published, armed = threading.Event(), threading.Event()
+
+    def fail_once(actor, message):
+        # MqttIo dies with messages in its hands, more in flight in paho, and more queued in the broker.
+        if actor == "mqtt_io" and type(message).__name__ == "_Arrived" and armed.is_set():
+            armed.clear()
+            published.wait(20)
+            raise RuntimeError("injected fault")
+
+    daemon, lines = in_process(fault_hook=fail_once)
+    register_then_send_while_armed(broker, database, armed, published, 500)
+    lines.wait_for("actor_restarted", restarted_actor="mqtt_io")
+    wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 500,
+               what="500 samples")
+    wait_until(lambda: daemon.metrics.pending._value.get() == 0 and daemon.metrics.mqtt_connected._value.get() == 1,
+               what="everything acknowledged, the link up")
+    assert query(database, "SELECT count(DISTINCT ts) FROM telemetry_samples") == [(500,)]
+    assert query(database, "SELECT count(*) FROM dead_letters") == [(0,)]
+    # The link came back once, cleanly: the dead incarnation's late callbacks made no noise.
+    assert len(lines.events("mqtt_connected")) == 2
+    assert len(lines.events("mqtt_subscribed")) == 2
+    assert lines.events("mqtt_connect_failed") == []
+    assert lines.events("mqtt_connected")[1]["session_present"] is True
