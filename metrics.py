@@ -13,6 +13,9 @@ class Metrics:
         self.stored = Counter("hydrod_messages_stored", "Messages committed, by actor", ["actor"], registry=r)
         self.rejected = Counter("hydrod_messages_rejected", "Messages dead-lettered or refused, by reason",
                                 ["reason"], registry=r)
+        self.duplicates = Counter("hydrod_messages_duplicate",
+                                  "Messages not stored again: a broker redelivery, or the same sample or event"
+                                  " sent twice, by kind", ["kind"], registry=r)
         self.acked = Counter("hydrod_messages_acked", "QoS 1 messages acknowledged to the broker", registry=r)
         self.deferred = Counter("hydrod_messages_deferred",
                                 "Messages left to the broker for redelivery (received while stopping)", registry=r)

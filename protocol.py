@@ -82,6 +82,8 @@ class Routed(NamedTuple):
     received_at: float  # unix seconds
     reason: str | None = None  # set when kind == REJECT
     detail: str = ""  # what was wrong, for the dead letter
+    mid: int = 0  # the broker's packet id; 0 for QoS 0
+    dup: bool = False  # the broker's DUP flag: a redelivery of a PUBLISH it sent before
 
     def __repr__(self) -> str:
         # Never the payload: a config_report may echo the node's secret, and a
@@ -90,17 +92,16 @@ class Routed(NamedTuple):
                 f"payload=<{len(self.payload)} bytes>, reason={self.reason!r})")
 
 
-def classify(seq: int, topic: str, payload: bytes, received_at: float) -> Routed:
+def classify(seq: int, topic: str, payload: bytes, received_at: float, mid: int = 0, dup: bool = False) -> Routed:
     """Turn a topic into a kind and its parts; unknown shapes become rejects."""
     if len(payload) > MAX_PAYLOAD:
         # Keep the first 64 KiB as evidence, not the whole thing: memory is bounded
         # by message count (Receive Maximum), so no message may be arbitrarily large.
         return Routed(seq, REJECT, "", "", "", None, topic, payload[:MAX_PAYLOAD], received_at, TOO_LARGE,
-                      f"payload of {len(payload)} bytes, over {MAX_PAYLOAD}; the first {MAX_PAYLOAD} kept")
-    return Routed(seq, *_shape(topic), topic, payload, received_at, *_REASON.get(_shape(topic)[0], ()))
-
-
-_REASON = {REJECT: (UNKNOWN_TOPIC,)}
+                      f"payload of {len(payload)} bytes, over {MAX_PAYLOAD}; the first {MAX_PAYLOAD} kept", mid, dup)
+    shape = _shape(topic)
+    return Routed(seq, *shape, topic, payload, received_at, UNKNOWN_TOPIC if shape[0] == REJECT else None, "",
+                  mid, dup)
 
 
 @functools.lru_cache(maxsize=65536)

@@ -99,11 +99,27 @@ def migrate(conn: psycopg.Connection) -> list[str]:
     return applied_now
 
 
+# --- the MQTT session's subscriptions ----------------------------------------------
+
+
+def remember_subscriptions(conn: psycopg.Connection, client_id: str, wanted: Iterable[str]) -> list[str]:
+    """Record the filters about to be subscribed for client_id; return the others ever
+    subscribed for it, which its persistent session may still hold (to unsubscribe)."""
+    wanted = list(wanted)
+    with conn.transaction():
+        conn.execute("INSERT INTO mqtt_subscriptions (client_id, filter) SELECT %s, unnest(%s::text[])"
+                     " ON CONFLICT DO NOTHING", (client_id, wanted))
+        rows = conn.execute("SELECT filter FROM mqtt_subscriptions WHERE client_id = %s"
+                            " AND NOT filter = ANY(%s) ORDER BY filter", (client_id, wanted)).fetchall()
+    return [row[0] for row in rows]
+
+
 # --- staging (per connection) ---------------------------------------------------
 
 STAGE_COLUMNS = (
     "seq", "kind", "node_key", "gh", "zone", "channel", "metric", "value", "ts",
     "received_at", "online", "uptime", "free_heap", "rssi", "fw_version", "payload", "dedup",
+    "delivery", "dup",
 )
 
 
@@ -114,7 +130,8 @@ def prepare_connection(conn: psycopg.Connection) -> None:
         " seq bigint, kind text, node_key text, gh text, zone text, channel text,"
         " metric text, value double precision, ts double precision,"
         " received_at double precision, online boolean, uptime double precision,"
-        " free_heap bigint, rssi integer, fw_version text, payload jsonb, dedup text"
+        " free_heap bigint, rssi integer, fw_version text, payload jsonb, dedup text,"
+        " delivery text, dup boolean"
         ") ON COMMIT DELETE ROWS"
     )
     conn.commit()
@@ -131,7 +148,8 @@ def prepare_connection(conn: psycopg.Connection) -> None:
 # heartbeat would often look older than it.
 
 # One statement stores a whole staged batch: it resolves each row's node (by uid,
-# then hardware id), refuses what must be refused, and returns the refused rows.
+# then hardware id), refuses what must be refused, skips what the broker
+# redelivered after it was stored, and says what it did (write_history).
 _HISTORY_SQL = """
 WITH keys AS (
     SELECT DISTINCT node_key FROM hydrod_stage
@@ -151,7 +169,15 @@ WITH keys AS (
             WHEN s.kind = 'telemetry' AND rk.gh_uid IS NOT NULL
                  AND (rk.gh_uid IS DISTINCT FROM s.gh OR rk.zone_uid IS DISTINCT FROM s.zone)
                 THEN 'zone_mismatch'
-        END AS reason
+        END AS reason,
+        -- A redelivery (DUP) of a row without an identity of its own, stored already
+        -- (or earlier in this batch): found by its packet id and bytes (`delivery`).
+        coalesce(s.dup AND s.delivery IS NOT NULL AND (
+            EXISTS (SELECT 1 FROM node_events e
+                    WHERE e.node_key = s.node_key AND e.kind = s.kind AND e.delivery = s.delivery)
+            OR EXISTS (SELECT 1 FROM hydrod_stage p
+                       WHERE p.node_key = s.node_key AND p.kind = s.kind AND p.delivery = s.delivery
+                         AND p.seq < s.seq)), false) AS redelivered
     FROM hydrod_stage s LEFT JOIN resolved_keys rk USING (node_key)
 ), samples AS (
     INSERT INTO telemetry_samples (node_id, channel, metric_type, value, ts, received_at, metadata)
@@ -160,6 +186,7 @@ WITH keys AS (
     FROM r WHERE kind = 'telemetry' AND reason IS NULL
     ORDER BY seq
     ON CONFLICT (node_id, channel, metric_type, ts) DO NOTHING
+    RETURNING 'telemetry'::text AS kind
 ), latest AS (
     INSERT INTO telemetry_last (node_id, channel, metric_type, value, ts, received_at, metadata)
     SELECT DISTINCT ON (node_id, channel, metric)
@@ -172,11 +199,12 @@ WITH keys AS (
             received_at = EXCLUDED.received_at, metadata = EXCLUDED.metadata
         WHERE telemetry_last.ts < EXCLUDED.ts
 ), events AS (
-    INSERT INTO node_events (node_id, node_key, channel, kind, payload, ts, received_at, dedup)
-    SELECT node_id, node_key, channel, kind, payload, to_timestamp(ts), to_timestamp(received_at), dedup
-    FROM r WHERE kind NOT IN ('telemetry') AND reason IS NULL
+    INSERT INTO node_events (node_id, node_key, channel, kind, payload, ts, received_at, dedup, delivery)
+    SELECT node_id, node_key, channel, kind, payload, to_timestamp(ts), to_timestamp(received_at), dedup, delivery
+    FROM r WHERE kind NOT IN ('telemetry') AND reason IS NULL AND NOT redelivered
     ORDER BY seq  -- ids follow arrival order
     ON CONFLICT (node_key, kind, dedup) WHERE dedup IS NOT NULL DO NOTHING
+    RETURNING kind
 ), live AS (
     SELECT node_id,
         max(received_at) FILTER (WHERE online) AS seen,
@@ -188,7 +216,7 @@ WITH keys AS (
         (array_agg(free_heap ORDER BY seq DESC) FILTER (WHERE kind = 'heartbeat'))[1] AS free_heap,
         (array_agg(rssi ORDER BY seq DESC) FILTER (WHERE kind = 'heartbeat'))[1] AS rssi,
         (array_agg(fw_version ORDER BY seq DESC) FILTER (WHERE kind = 'heartbeat' AND fw_version IS NOT NULL))[1] AS fw_version
-    FROM r WHERE node_id IS NOT NULL AND reason IS NULL
+    FROM r WHERE node_id IS NOT NULL AND reason IS NULL AND NOT redelivered
     GROUP BY node_id
 ), touched AS (
     UPDATE nodes n SET
@@ -211,22 +239,39 @@ WITH keys AS (
 SELECT 'reject' AS what, seq::text, reason FROM r WHERE reason IS NOT NULL
 UNION ALL
 SELECT 'status', uid, status FROM touched WHERE status IS DISTINCT FROM old_status
+UNION ALL
+SELECT 'redelivered', seq::text, kind FROM r WHERE redelivered AND reason IS NULL
+UNION ALL
+SELECT 'written', kind, count(*)::text FROM (SELECT kind FROM samples UNION ALL SELECT kind FROM events) w
+GROUP BY kind
 """
 
 
-def write_history(cur: psycopg.Cursor, rows: Iterable[tuple]) -> tuple[list[tuple[int, str, str]], dict[str, str]]:
-    """Store staged history rows; return (refused (seq, reason, detail), {uid: new status} for nodes
-    whose status changed). A row PostgreSQL refuses to stage is left out as `store_refused`."""
+@dataclass(frozen=True)
+class HistoryWritten:
+    refused: list[tuple[int, str, str]]  # (seq, reason, detail)
+    statuses: dict[str, str]  # {uid: new status} for nodes whose status changed
+    redelivered: list[int]  # seqs skipped: the broker's redelivery of a row stored already
+    written: dict[str, int]  # rows inserted, by kind; the rest of a kind were there already
+
+
+def write_history(cur: psycopg.Cursor, rows: Iterable[tuple]) -> HistoryWritten:
+    """Store staged history rows (STAGE_COLUMNS); say what was refused, skipped and
+    written. A row PostgreSQL refuses to stage is left out as `store_refused`."""
     rows = list(rows)
-    refused = [(rows[index][0], STORE_REFUSED, detail) for index, detail in _stage(cur, rows)]
+    done = HistoryWritten([(rows[index][0], STORE_REFUSED, detail) for index, detail in _stage(cur, rows)],
+                          {}, [], {})
     cur.execute(_HISTORY_SQL)
-    statuses = {}
     for what, key, value in cur.fetchall():
         if what == "reject":
-            refused.append((int(key), value, ""))
+            done.refused.append((int(key), value, ""))
+        elif what == "status":
+            done.statuses[key] = value
+        elif what == "redelivered":
+            done.redelivered.append(int(key))
         else:
-            statuses[key] = value
-    return refused, statuses
+            done.written[key] = int(value)
+    return done
 
 
 _COPY_STAGE = f"COPY hydrod_stage ({', '.join(STAGE_COLUMNS)}) FROM STDIN"

@@ -26,7 +26,7 @@ from .actors.base import (ActorFailed, ActorUnavailable, Address, Backoff, Conte
 from .actors.config_publisher import ConfigPublisher
 from .actors.db_writer import DbWriter
 from .actors.http_api import HttpApi, Peers
-from .actors.mqtt_io import Close, MqttIo, StopIntake
+from .actors.mqtt_io import Close, MqttIo, StopIntake, wanted_filters
 from .actors.node_registry import NodeRegistry
 from .errors import DatabaseUnavailable, StartupError, SupervisorGaveUp
 from .metrics import Metrics
@@ -198,6 +198,7 @@ class Daemon:
         self.started: list[str] = []
         self._supervisor_ref: pykka.ActorRef | None = None
         self._stats: Ticker | None = None
+        self.stale_filters: tuple[str, ...] = ()  # see remember_subscriptions
         self._build()
 
     def _build(self) -> None:
@@ -227,7 +228,8 @@ class Daemon:
             "mqtt_io": lambda ctx: MqttIo.start(
                 ctx, settings=s.mqtt, registry=addr["node_registry"], history=addr["db_writer"],
                 link_watchers=(addr["config_publisher"],), metrics=self.metrics,
-                batch_size=s.telemetry.batch_size, max_pending=s.telemetry.max_pending),
+                batch_size=s.telemetry.batch_size, max_pending=s.telemetry.max_pending,
+                stale_filters=self.stale_filters),
         }
         for name in self.ORDER:
             if name == "http_api" and not s.http.enabled:
@@ -237,7 +239,8 @@ class Daemon:
     # -- start --
 
     def migrate(self) -> None:
-        """Apply migrations, waiting for PostgreSQL up to database.startup_timeout_s."""
+        """Apply migrations, and record the MQTT filters about to be subscribed (see
+        store.remember_subscriptions), waiting for PostgreSQL up to database.startup_timeout_s."""
         s = self.settings.database
         deadline = time.monotonic() + s.startup_timeout_s
         backoff = Backoff(s.retry_min_s, min(s.retry_max_s, 2.0))
@@ -245,6 +248,10 @@ class Daemon:
             try:
                 with store.connect(s.dsn.get_secret_value()) as conn:
                     applied = store.migrate(conn)
+                    # Before any SUBSCRIBE: the record is never short of what the session holds.
+                    mqtt = self.settings.mqtt
+                    self.stale_filters = tuple(store.remember_subscriptions(
+                        conn, mqtt.client_id, wanted_filters(mqtt.shared_group)))
                 break
             except psycopg.OperationalError as exc:
                 error = store.error_line(exc)

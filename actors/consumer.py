@@ -81,6 +81,10 @@ class BatchConsumer(SupervisedActor):
     def committed(self) -> None:
         """Called after each successful commit: announce what it did (logs happen only once)."""
 
+    def not_stored(self) -> int:
+        """After a commit: how many of the items written were there already (not refused, not stored)."""
+        return 0
+
     def handle_other(self, message: Any) -> Any:
         raise TypeError(f"{self.ctx.name} does not handle {type(message).__name__}")
 
@@ -227,7 +231,7 @@ class BatchConsumer(SupervisedActor):
             return
         self.committed()
         self.metrics.batch_seconds.labels(self.ctx.name).observe(time.perf_counter() - started)
-        self.metrics.stored.labels(self.ctx.name).inc(len(chunk) - len(refused))
+        self.metrics.stored.labels(self.ctx.name).inc(len(chunk) - len(refused) - self.not_stored())
         self._settle(chunk)
 
     def _settle(self, chunk: list[Routed]) -> None:

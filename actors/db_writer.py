@@ -38,6 +38,8 @@ class DbWriter(BatchConsumer):
         self.held_report_ttl_s = held_report_ttl_s
         self._sweeper: Ticker | None = None
         self._status_changes: dict[str, str] = {}
+        self._duplicates: Counter[str] = Counter()  # of the last write: accepted, not stored again
+        self._redelivered: list[Routed] = []
 
     def on_start(self) -> None:
         super().on_start()
@@ -64,9 +66,18 @@ class DbWriter(BatchConsumer):
     def committed(self) -> None:
         for uid, status in self._status_changes.items():
             self.log.info("node_online" if status == "online" else "node_offline", node_uid=uid)
+        for kind, count in self._duplicates.items():
+            self.metrics.duplicates.labels(kind).inc(count)
+        if self._duplicates:
+            self.log.debug("duplicates_skipped", by_kind=dict(self._duplicates), redelivered=len(self._redelivered),
+                           first_topic=(self._redelivered or [None])[0] and self._redelivered[0].topic)
+
+    def not_stored(self) -> int:
+        return sum(self._duplicates.values())
 
     def write(self, cur: psycopg.Cursor, items: list[Routed]) -> list[Refusal]:
         self._status_changes: dict[str, str] = {}
+        self._duplicates, self._redelivered = Counter(), []
         rows, refused = [], []
         replaced: Counter[str] = Counter()
         for item in items:
@@ -79,14 +90,22 @@ class DbWriter(BatchConsumer):
                 refused.append(Refusal(item, item.reason or protocol.UNKNOWN_TOPIC,
                                        item.detail or _REJECT_DETAIL.get(item.reason or "", "")))
             else:
-                rows.append(row)
+                rows.append((*row, _delivery(item) if row[-1] is None and item.kind != TELEMETRY else None,
+                             item.dup))
         if rows:
             by_seq = {item.seq: item for item in items}
-            sql_refused, status_changes = store.write_history(cur, rows)
-            for seq, reason, detail in sql_refused:
+            done = store.write_history(cur, rows)
+            for seq, reason, detail in done.refused:
                 item = by_seq[seq]
                 refused.append(Refusal(item, reason, detail or _explain(reason, item)))
-            self._status_changes = status_changes
+            self._status_changes = done.statuses
+            # What was accepted and not written was there already: a redelivery, or the same
+            # sample or event (same ts, same bytes) sent again.
+            accepted = Counter(row[1] for row in rows)
+            accepted.subtract(by_seq[seq].kind for seq, _, _ in done.refused)
+            self._duplicates = Counter({kind: count - done.written.get(kind, 0)
+                                        for kind, count in accepted.items() if count > done.written.get(kind, 0)})
+            self._redelivered = [by_seq[seq] for seq in done.redelivered]
         for rule, count in replaced.items():
             self.metrics.ts_replaced.labels(rule).inc(count)
         return refused
@@ -108,7 +127,7 @@ class DbWriter(BatchConsumer):
             return (item.seq, kind, item.node, item.gh, item.zone, None, None, None,
                     item.received_at, item.received_at, True, beat.uptime, beat.free_heap,
                     beat.rssi, beat.fw_version, item.payload.decode(),
-                    _dedup(0.0, item.payload))  # no ts; its uptime makes each one distinct
+                    None)  # no identity of its own: two alike are two heartbeats (see _delivery)
         if kind == STATUS:
             status = protocol.decode(item.payload, Status)
             if status.status is None:
@@ -167,6 +186,16 @@ class DbWriter(BatchConsumer):
 def _dedup(ts: float, payload: bytes) -> str:
     """The identity of an event the node stamped itself: its ts and its bytes."""
     return f"{ts:.6f}:{hashlib.blake2b(payload, digest_size=12).hexdigest()}"
+
+
+def _delivery(item: Routed) -> str | None:
+    """One delivery of a row without an identity of its own: the broker's packet id and
+    the bytes. A copy the broker sends again (DUP) after it was stored has the same one,
+    and is skipped; a new message alike is stored (README, "Stored once"). QoS 0 messages
+    are never sent again: None."""
+    if not item.mid:
+        return None
+    return f"{item.mid}:{hashlib.blake2b(item.payload, digest_size=12).hexdigest()}"
 
 
 def _explain(reason: str, item: Routed) -> str:

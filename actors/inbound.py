@@ -17,6 +17,7 @@ class Inbound(NamedTuple):
     mid: int
     qos: int
     received_at: float
+    dup: bool  # the broker's DUP flag: it sent this very PUBLISH before
 
     def __repr__(self) -> str:  # never the payload (see protocol.Routed)
         return f"Inbound(topic={self.topic!r}, payload=<{len(self.payload)} bytes>, mid={self.mid}, qos={self.qos})"
@@ -39,7 +40,7 @@ class Arrivals:
 
     def on_message(self, _client, _userdata, msg) -> None:  # paho's thread
         queue = self._queue
-        queue.append(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, time.time()))
+        queue.append(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, time.time(), bool(msg.dup)))
         if len(queue) == 1:
             self._wake()
 

@@ -104,12 +104,24 @@ class _Subscribed:
 
 
 @dataclass(frozen=True)
+class _Unsubscribed:
+    link: mqtt.Client
+    mid: int
+    refused: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class _PubAcked:
     link: mqtt.Client
     mid: int
 
 
-_LINK_MESSAGES = (_Connect, _Connected, _Disconnected, _Subscribed, _PubAcked)
+_LINK_MESSAGES = (_Connect, _Connected, _Disconnected, _Subscribed, _Unsubscribed, _PubAcked)
+
+
+def wanted_filters(shared_group: str) -> tuple[str, ...]:
+    """The topic filters hydrod subscribes to: SPEC's, in the shared group if one is set."""
+    return tuple(f"$share/{shared_group}/{f}" if shared_group else f for f in protocol.SUBSCRIPTIONS)
 
 
 # --- paho's log ---------------------------------------------------------------------------
@@ -137,9 +149,14 @@ class _PahoLog(logging.LoggerAdapter):
 class MqttIo(SupervisedActor):
     def __init__(self, context: Context, *, settings: MqttSettings, registry: Address,
                  history: Address, link_watchers: tuple[Address, ...], metrics,
-                 batch_size: int, max_pending: int):
+                 batch_size: int, max_pending: int, stale_filters: tuple[str, ...] = ()):
         super().__init__(context)
         self.settings = settings
+        self.filters = wanted_filters(settings.shared_group)
+        # Filters subscribed once under this client id and no longer wanted (the
+        # supervisor reads them from mqtt_subscriptions): the persistent session may
+        # still hold them, and would deliver every message once more for each.
+        self.stale_filters = tuple(f for f in stale_filters if f not in self.filters)
         self.metrics = metrics
         self.link_watchers = link_watchers
         self.batch_size = batch_size
@@ -157,7 +174,8 @@ class MqttIo(SupervisedActor):
         self._registry_open: dict[int, None] = {}  # seqs sent to the registry, not settled, in order
         self._blocked: list[Routed] = []  # history that arrived after them
         self._publish_waiters: dict[int, tuple[Address, Any]] = {}
-        self._subscribe_mid: int | None = None
+        self._awaiting: set[int] = set()  # SUBSCRIBE / UNSUBSCRIBE mids not answered yet
+        self._unsubscribed = 0
         self._received = {}
         self.client: mqtt.Client | None = None
         self.arrivals: Arrivals | None = None
@@ -184,6 +202,8 @@ class MqttIo(SupervisedActor):
         client.on_disconnect = lambda _c, _u, _f, rc, _p: me.tell(_Disconnected(client, str(rc)))
         client.on_subscribe = lambda _c, _u, mid, codes, _p: me.tell(
             _Subscribed(client, mid, tuple(str(c) for c in codes if c.is_failure)))
+        client.on_unsubscribe = lambda _c, _u, mid, codes, _p: me.tell(
+            _Unsubscribed(client, mid, tuple(str(c) for c in codes if c.is_failure)))
         client.on_publish = lambda _c, _u, mid, _rc, _p: me.tell(_PubAcked(client, mid))
         return client
 
@@ -220,6 +240,8 @@ class MqttIo(SupervisedActor):
                     self._on_connected(message)
                 case _Subscribed(_, mid, refused):
                     self._on_subscribed(mid, refused)
+                case _Unsubscribed(_, mid, refused):
+                    self._on_unsubscribed(mid, refused)
                 case _Disconnected(_, reason):
                     self._take_arrivals(everything=True)  # all of it came on the link now gone
                     self._on_disconnected(reason)
@@ -285,10 +307,11 @@ class MqttIo(SupervisedActor):
             # Admitted, so it must be settled: keep it as a dead letter, never crash-loop on it.
             self.log.exception("handler_crash", topic=msg.topic)
             self.history.tell(Deliver((Routed(seq, REJECT, "", "", "", None, msg.topic, msg.payload,
-                                              msg.received_at, protocol.HANDLER_CRASH, repr(exc)),)))
+                                              msg.received_at, protocol.HANDLER_CRASH, repr(exc),
+                                              msg.mid, msg.dup),)))
 
     def _route(self, seq: int, msg: Inbound) -> None:
-        routed = protocol.classify(seq, msg.topic, msg.payload, msg.received_at)
+        routed = protocol.classify(seq, msg.topic, msg.payload, msg.received_at, msg.mid, msg.dup)
         counter = self._received.get(routed.kind)
         if counter is None:
             counter = self._received[routed.kind] = self.metrics.received.labels(routed.kind)
@@ -424,30 +447,53 @@ class MqttIo(SupervisedActor):
         self.log.info("mqtt_connected", host=self.settings.host, port=self.settings.port,
                       session_present=message.session_present, client_id=self.settings.client_id,
                       outage_s=None if outage is None else round(outage, 3))
-        group = self.settings.shared_group
         # Retained status/lwt come once, with a new subscription; a re-subscribe
         # on reconnect must not replay an old `offline` over a live node.
         options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        filters = [(f"$share/{group}/{f}" if group else f, options) for f in protocol.SUBSCRIPTIONS]
-        rc, mid = self.client.subscribe(filters)
+        rc, mid = self.client.subscribe([(f, options) for f in self.filters])
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self.log.error("mqtt_subscribe_failed", error=mqtt.error_string(rc))
             self.client.disconnect()
             return
-        self._subscribe_mid = mid
+        self._awaiting = {mid}
+        self._unsubscribed = 0
+        if message.session_present and self.stale_filters:
+            # Subscribed first, then the old ones dropped: no message falls in between
+            # (one published in that instant may come twice, as at-least-once allows).
+            rc, mid = self.client.unsubscribe(list(self.stale_filters))
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                self.log.error("mqtt_subscribe_failed", error=mqtt.error_string(rc), unsubscribe=True)
+                self.client.disconnect()
+                return
+            self._awaiting.add(mid)
+            self._unsubscribed = len(self.stale_filters)
         for watcher in self.link_watchers:
             watcher.tell(LinkChanged(True))
 
     def _on_subscribed(self, mid: int, refused: tuple[str, ...]) -> None:
-        if mid != self._subscribe_mid or self.client is None or self.closing:
+        if mid not in self._awaiting or self.client is None or self.closing:
             return
         if refused:
             # Connected but deaf is the worst state: drop the link and try again with backoff.
             self.log.error("mqtt_subscribe_refused", reasons=list(refused))
+            self._awaiting.clear()
             self.client.disconnect()
             return
-        self.log.info("mqtt_subscribed", filters=len(protocol.SUBSCRIPTIONS),
-                      shared_group=self.settings.shared_group or None)
+        self._answered(mid)
+
+    def _on_unsubscribed(self, mid: int, refused: tuple[str, ...]) -> None:
+        if mid not in self._awaiting or self.client is None or self.closing:
+            return
+        if refused:
+            # Still subscribed twice: every message comes twice until a later connect drops them.
+            self.log.warning("mqtt_unsubscribe_refused", reasons=list(refused), filters=list(self.stale_filters))
+        self._answered(mid)
+
+    def _answered(self, mid: int) -> None:
+        self._awaiting.discard(mid)
+        if not self._awaiting:
+            self.log.info("mqtt_subscribed", filters=len(self.filters), unsubscribed=self._unsubscribed,
+                          shared_group=self.settings.shared_group or None)
 
     def _on_disconnected(self, reason: str) -> None:
         was_connected = self.connected

@@ -395,11 +395,17 @@ def test_a_payload_nested_beyond_reason_is_dead_lettered_even_on_the_clock_topic
     register_node(broker.port, database, PH_HW)
 
 
-def test_a_redelivered_heartbeat_is_kept_once_in_the_history(hydrod, broker, database):
+def test_every_heartbeat_is_kept_in_the_history_even_one_byte_for_byte_like_an_earlier_one(
+        hydrod, broker, database):
+    # After a reboot a node can send a heartbeat like an old one: it is a heartbeat all the
+    # same. Only the broker's redelivery is skipped (test_mqtt_session.py).
     register_node(broker.port, database, PH_HW)
     topic = f"hydro/gh-1/zn-1/{PH_UID}/heartbeat"
     beat = {"uptime": 3600, "free_heap": 102000, "rssi": -62, "fw_version": "1.0.0"}
     publish(broker.port, [(topic, beat), (topic, beat), (topic, dict(beat, uptime=3615))])
     wait_until(lambda: query(database, "SELECT uptime_seconds FROM nodes")[0][0] == 3615, what="last beat")
     rows = query(database, "SELECT payload->>'uptime' FROM node_events WHERE kind = 'heartbeat' ORDER BY id")
-    assert rows == [("3600",), ("3615",)]
+    assert rows == [("3600",), ("3600",), ("3615",)]
+    metrics = hydrod.http("GET", "/metrics")[1]
+    assert metric_value(metrics, "hydrod_messages_stored_total", actor="db_writer") == 3
+    assert metric_value(metrics, "hydrod_messages_duplicate_total", kind="heartbeat") is None

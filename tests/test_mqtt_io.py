@@ -52,7 +52,7 @@ def test_settlements_meant_for_a_dead_incarnation_are_ignored():
 
 
 def message(i):
-    return SimpleNamespace(topic=f"t/{i}", payload=b"x", mid=i, qos=1)
+    return SimpleNamespace(topic=f"t/{i}", payload=b"x", mid=i, qos=1, dup=False)
 
 
 def test_arrivals_wake_the_actor_once_per_burst():

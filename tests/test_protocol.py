@@ -153,7 +153,7 @@ def test_the_repr_of_a_received_message_never_shows_its_payload():
     secret = "ab" * 32
     payload = ('{"node_secret":"%s","channels":[]}' % secret).encode()
     routed = protocol.classify(1, "hydro/gh-1/zn-1/nd-ph-1/config_report", payload, 0.0)
-    inbound = Inbound("hydro/gh-1/zn-1/nd-ph-1/config_report", payload, 1, 1, 0.0)
+    inbound = Inbound("hydro/gh-1/zn-1/nd-ph-1/config_report", payload, 1, 1, 0.0, False)
     for text in (repr(routed), repr((routed,)), repr(inbound)):
         assert secret not in text and f"<{len(payload)} bytes>" in text
 

@@ -90,7 +90,7 @@ def liveness_row(seq, kind, online, received_at, ts=None, node_key="nd-ph-a1b2c3
     payload = {"status": "ONLINE" if online else "OFFLINE"} if kind == "status" else {}
     return (seq, kind, node_key, "gh-1", "zone-1", None, None, None,
             received_at if ts is None else ts, received_at, online, None, None, None, None,
-            json.dumps(payload), None)
+            json.dumps(payload), None, None, False)
 
 
 def history_writer(connect):
@@ -229,7 +229,7 @@ def test_rows_postgresql_refuses_are_left_out_and_named_and_the_rest_of_the_batc
     }
     rows = [beyond.get(seq) or sample_row(seq) for seq in range(20)]
     with conn.transaction(), conn.cursor() as cur:
-        refused, _ = store.write_history(cur, rows)
+        refused = store.write_history(cur, rows).refused
     assert sorted(seq for seq, _, _ in refused) == sorted(beyond)
     assert {reason for _, reason, _ in refused} == {"store_refused"}
     details = {seq: detail for seq, _, detail in refused}
