@@ -16,7 +16,7 @@ import psycopg
 import structlog
 
 from . import logs, settings as settings_module, store
-from .errors import HydrodError
+from .errors import HydrodError, unexpected
 
 
 def main(argv: list[str] | None = None, fault_hook=None) -> int:
@@ -58,11 +58,9 @@ UNEXPECTED = 1  # the exit code of an unexpected exception, as of any other fata
 def _fatal(error: str, code: int, cause: BaseException | None = None) -> None:
     """One clear line, on stdout as JSON for the journal and on stderr for a person.
 
-    The traceback of an unexpected cause (not one hydrod names itself, nor an OSError,
-    whose message says it all) goes in the JSON line's `exception` field."""
-    expected = cause is None or isinstance(cause, (HydrodError, OSError))
+    The traceback of an unexpected cause goes in the JSON line's `exception` field."""
     structlog.get_logger("hydrod").bind(actor="daemon").error(
-        "daemon_failed", error=error, exit_code=code, exc_info=None if expected else cause)
+        "daemon_failed", error=error, exit_code=code, exc_info=unexpected(cause))
     print(f"hydrod: {error}", file=sys.stderr)
 
 

@@ -35,3 +35,9 @@ class SupervisorGaveUp(HydrodError):
     """An actor failed more often than its restart budget allows, or the supervisor itself failed."""
 
     exit_code = 5
+
+
+def unexpected(cause: BaseException | None) -> BaseException | None:
+    """`cause` when its traceback is worth logging: not an error hydrod names itself,
+    nor an OSError, whose message says what and where."""
+    return None if cause is None or isinstance(cause, (HydrodError, OSError)) else cause

@@ -28,7 +28,7 @@ from .actors.db_writer import DbWriter
 from .actors.http_api import HttpApi, Peers
 from .actors.mqtt_io import Close, MqttIo, StopIntake, wanted_filters
 from .actors.node_registry import NodeRegistry
-from .errors import DatabaseUnavailable, StartupError, SupervisorGaveUp
+from .errors import DatabaseUnavailable, StartupError, SupervisorGaveUp, unexpected
 from .metrics import Metrics
 from .settings import Settings
 
@@ -104,9 +104,13 @@ class SupervisorActor(pykka.ThreadingActor):
         spec.restarts.append(now)
         while spec.restarts and spec.restarts[0] < now - window:
             spec.restarts.popleft()
+        # pykka logged the traceback of a failure in the actor; that of a replacement's
+        # start-up, which the actor answered to its ping, is logged here.
+        start_failure = failure.error.__cause__ if isinstance(failure.error, StartupError) else None
         log.error("actor_failed", failed_actor=failure.name, error=repr(failure.error),
                   message=type(failure.message).__name__ if failure.message is not None else None,
-                  queued=len(failure.leftovers), restarts_in_window=len(spec.restarts))
+                  queued=len(failure.leftovers), restarts_in_window=len(spec.restarts),
+                  exc_info=unexpected(start_failure))
         if self.daemon.stopping.is_set():
             return
         if len(spec.restarts) > self.settings.max_restarts:

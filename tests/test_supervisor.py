@@ -214,6 +214,7 @@ def test_a_replacement_that_fails_to_start_is_tried_again_with_everything_it_was
                what="300 samples")
     failures = lines.events("actor_failed", failed_actor="db_writer")
     assert len(failures) == 2 and "did not start" in failures[1]["error"]
+    assert "replacement broken" in failures[1]["exception"]  # its traceback, as it had none logged
     wait_until(lambda: daemon.metrics.acked._value.get() >= 301, what="all acknowledged")
 
 
