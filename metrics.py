@@ -37,6 +37,9 @@ class Metrics:
                                             registry=r)
         self.held_reports_expired = Counter("hydrod_held_reports_expired",
                                             "Held config_reports dropped: their node never said hello", registry=r)
+        self.configs_resent = Counter("hydrod_configs_resent",
+                                      "Last applied configs sent again to bound nodes back in the temp namespace",
+                                      registry=r)
         self.configs_published = Counter("hydrod_configs_published", "Configs taken by the broker", registry=r)
         self.configs_applied = Counter("hydrod_configs_applied", "Configs acknowledged by their node", registry=r)
         self.config_timeouts = Counter("hydrod_config_timeouts", "Configs never acknowledged", registry=r)

@@ -89,6 +89,9 @@ class NodesSettings(_Section):
     # A config_report held for a node that never says hello is dropped (logged,
     # counted) after this long.
     held_report_ttl_s: Seconds = 3 * 86400.0
+    # A bound node back in the temp namespace (reset, reflashed) is sent its last
+    # applied config again, at most once per this long.
+    config_resend_interval_s: Seconds = 60.0
 
 
 class SupervisorSettings(_Section):

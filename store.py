@@ -453,6 +453,9 @@ class ReportOutcome:
     uid: str | None  # None: the node is unknown and the report is held
     applied_versions: tuple[int, ...]
     bound_to: tuple[str, str] | None
+    # (version, payload, hardware id): a bound node back in the temp namespace, to be
+    # sent its last applied config again (claimed here, at most once per interval).
+    resend: tuple[int, bytes, str] | None = None
 
 
 def find_node(cur: psycopg.Cursor, node_key: str, lock: bool = False) -> dict[str, Any] | None:
@@ -467,8 +470,12 @@ def find_node(cur: psycopg.Cursor, node_key: str, lock: bool = False) -> dict[st
 
 
 def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: str, temp: bool,
-                        topic: str, config: dict[str, Any], received_at: float) -> ReportOutcome:
-    """Keep a node's reported config; acknowledge pushes; complete a pending bind."""
+                        topic: str, config: dict[str, Any], received_at: float,
+                        resend_interval_s: float | None = None) -> ReportOutcome:
+    """Keep a node's reported config; acknowledge pushes; complete a pending bind.
+
+    With resend_interval_s, a bound node reporting from the temp namespace (reset,
+    reflashed) is due its last applied config again: see ReportOutcome.resend."""
     lock_node_keys(cur, [node_key])
     node = find_node(cur, node_key, lock=True)
     if node is None:
@@ -515,7 +522,31 @@ def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: st
         {"at": _ts(received_at), "config": Jsonb(config), "gh": bound_to[0] if bound_to else None,
          "zone": bound_to[1] if bound_to else None, "bound": bound_to is not None, "id": node["id"]},
     )
-    return ReportOutcome(node["uid"], tuple(int(row[0]) for row in applied), bound_to)
+    resend = None
+    if (temp and resend_interval_s is not None and node["gh_uid"] is not None
+            and node["lifecycle_state"] != "DECOMMISSIONED"):
+        claimed = _claim_resend(cur, node["id"], resend_interval_s)
+        if claimed is not None:
+            resend = (*claimed, node["hardware_id"])
+    return ReportOutcome(node["uid"], tuple(int(row[0]) for row in applied), bound_to, resend)
+
+
+def _claim_resend(cur: psycopg.Cursor, node_id: int, interval_s: float) -> tuple[int, bytes] | None:
+    """(version, payload as published) of the node's last applied config, when it was
+    not sent again within interval_s; the claim is kept in nodes.config_resent_at, so
+    it holds across restarts and instances (the node's row is locked by the caller)."""
+    cur.execute(
+        "WITH last AS (SELECT version, payload FROM node_configs WHERE node_id = %(id)s AND status = 'applied'"
+        "              ORDER BY version DESC LIMIT 1),"
+        " claim AS (UPDATE nodes SET config_resent_at = now()"
+        "   WHERE id = %(id)s AND EXISTS (SELECT 1 FROM last)"
+        "     AND (config_resent_at IS NULL OR config_resent_at <= now() - make_interval(secs => %(interval)s))"
+        "   RETURNING id)"
+        " SELECT version, payload FROM last WHERE EXISTS (SELECT 1 FROM claim)",
+        {"id": node_id, "interval": interval_s},
+    )
+    row = cur.fetchone()
+    return None if row is None else (int(row[0]), row[1].encode())
 
 
 NODE_KEY_LOCK = 0x6879  # advisory lock namespace: one lock per node key (uid or hardware id)

@@ -218,7 +218,8 @@ class Daemon:
                 pool_size=(s.database.pool_min, s.database.pool_max),
                 batch_size=s.telemetry.batch_size, retry=retry(), **consumer),
             "node_registry": lambda ctx: NodeRegistry.start(
-                ctx, pool_size=(1, 1), batch_size=min(s.telemetry.batch_size, 500), retry=retry(), **consumer),
+                ctx, config_publisher=addr["config_publisher"],
+                resend_interval_s=s.nodes.config_resend_interval_s, pool_size=(1, 1), batch_size=min(s.telemetry.batch_size, 500), retry=retry(), **consumer),
             "config_publisher": lambda ctx: ConfigPublisher.start(
                 ctx, dsn=dsn, mqtt=addr["mqtt_io"], metrics=self.metrics,
                 ack_timeout_s=s.nodes.config_ack_timeout_s),

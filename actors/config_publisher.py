@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -53,6 +53,17 @@ class PushRefused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+@dataclass(frozen=True)
+class ResendConfig:
+    """From the registry: bound node `uid` is back in the temp namespace; send it its
+    last applied config again, as published (the database has allowed it already)."""
+
+    uid: str
+    version: int
+    topic: str
+    payload: bytes = field(repr=False)  # holds the node's secret
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,8 @@ class ConfigPublisher(SupervisedActor):
                     self._publish_queued()
             case _Acked():
                 self._mark_published(message)
+            case ResendConfig():
+                self._resend(message)
             case _Expire():
                 self._expire()
             case Health():
@@ -246,6 +259,16 @@ class ConfigPublisher(SupervisedActor):
             return  # the next link-up or expiry round tries again
         for config_id, uid, version, topic, payload in queued:
             self._send(config_id, uid, version, topic, payload)
+
+    def _resend(self, resend: ResendConfig) -> None:
+        if not self.link_up:
+            # The node asks again on its next connect, once the interval is over.
+            self.log.warning("config_resend_skipped", node_uid=resend.uid, version=resend.version,
+                             reason="broker link down")
+            return
+        self.mqtt.tell(Publish(resend.topic, resend.payload))
+        self.metrics.configs_resent.inc()
+        self.log.info("config_resent", node_uid=resend.uid, version=resend.version, topic=resend.topic)
 
     def _mark_published(self, acked: _Acked) -> None:
         self._in_flight.discard(acked.config_id)

@@ -15,6 +15,8 @@ import psycopg
 
 from .. import protocol, store
 from ..protocol import CONFIG_REPORT, HELLO, NodeHello, Rejected, Routed
+from .base import Address
+from .config_publisher import ResendConfig
 from .consumer import BatchConsumer, Refusal
 
 
@@ -26,9 +28,12 @@ class ListNodes:
 
 
 class NodeRegistry(BatchConsumer):
-    def __init__(self, context, **kwargs):
+    def __init__(self, context, *, config_publisher: Address, resend_interval_s: float, **kwargs):
         super().__init__(context, **kwargs)
+        self.config_publisher = config_publisher
+        self.resend_interval_s = resend_interval_s
         self._announcements: list[tuple[str, dict[str, Any]]] = []
+        self._resends: list[ResendConfig] = []  # told to the config publisher once committed
         self._created: set[str] = set()  # keys (hardware id, uid) of the nodes this batch created
 
     def handle_other(self, message: Any) -> Any:
@@ -41,6 +46,7 @@ class NodeRegistry(BatchConsumer):
 
     def write(self, cur: psycopg.Cursor, items: list[Routed]) -> list[Refusal]:
         self._announcements = []
+        self._resends = []
         self._created = set()
         refused = []
         for item in items:
@@ -72,6 +78,9 @@ class NodeRegistry(BatchConsumer):
             elif event == "config_applied":
                 self.metrics.configs_applied.inc()
         self._announcements = []
+        for resend in self._resends:
+            self.config_publisher.tell(resend)
+        self._resends = []
 
     def _register(self, cur: psycopg.Cursor, item: Routed) -> None:
         hello = protocol.decode(item.payload, NodeHello)
@@ -96,12 +105,17 @@ class NodeRegistry(BatchConsumer):
                       report: dict[str, Any], received_at: float) -> None:
         outcome = store.store_config_report(cur, node_key=node_key, gh=gh, zone=zone,
                                             temp=protocol.is_temp(gh, zone), topic=topic,
-                                            config=report, received_at=received_at)
+                                            config=report, received_at=received_at,
+                                            resend_interval_s=self.resend_interval_s)
         if outcome.uid is None:
             self._announcements.append(("config_report_held", {"node_key": node_key, "topic": topic}))
             return
         for version in outcome.applied_versions:
             self._announcements.append(("config_applied", {"node_uid": outcome.uid, "version": version}))
+        if outcome.resend is not None:
+            version, payload, hardware_id = outcome.resend
+            self._resends.append(ResendConfig(
+                outcome.uid, version, f"hydro/{protocol.TEMP_GH}/{protocol.TEMP_ZONE}/{hardware_id}/config", payload))
         if outcome.bound_to is not None:
             self._announcements.append(("node_bound", {"node_uid": outcome.uid, "gh_uid": outcome.bound_to[0],
                                                       "zone_uid": outcome.bound_to[1]}))

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from harness import Subscriber, publish, query, wait_until
+from harness import Subscriber, metric_value, publish, query, wait_until
 
 HW = "esp32-a1b2c3d4e5f6"
 UID = "nd-ph-a1b2c3d4e5f6"
@@ -262,3 +262,66 @@ def test_a_push_that_cannot_be_made_in_time_is_refused_and_never_made_later(make
                                  json={"channels": [], "gh_uid": "gh-1", "zone_uid": "zn-1"})
     assert status == 202 and answer["version"] == 1
     assert [row[0] for row in config_rows(database)] == [1]
+
+
+def bind(daemon, broker, database):
+    """Register the node, push it a binding config and let it apply it; return the config as published."""
+    register(daemon, broker, database)
+    status, _ = daemon.http("POST", f"/api/nodes/{UID}/config",
+                            json={"channels": [{"name": "ph_sensor"}], "gh_uid": "gh-1", "zone_uid": "zn-1"})
+    assert status == 202
+    wait_until(lambda: config_rows(database)[0][1] == "published", what="published")
+    [(payload,)] = query(database, "SELECT payload FROM node_configs")
+    publish(broker.port, [(f"hydro/gh-1/zn-1/{UID}/config_report", json.loads(payload))])
+    daemon.wait_for("node_bound", node_uid=UID)
+    return payload.encode()
+
+
+def temp_report(channel):
+    """What a reset node sends from the temp namespace; `channel` tells one report from another."""
+    return (f"hydro/gh-temp/zn-temp/{HW}/config_report",
+            {"node_id": HW, "version": 1, "type": "ph", "channels": [{"name": channel}], "mqtt": {"configured": True}})
+
+
+def reported_channel(database):
+    return query(database, "SELECT config->'channels'->0->>'name' FROM nodes")[0][0]
+
+
+def reports_stored(daemon):
+    return metric_value(daemon.http("GET", "/metrics")[1], "hydrod_messages_stored_total",
+                        actor="node_registry") or 0
+
+
+def test_a_bound_node_back_in_the_temp_namespace_gets_its_last_applied_config_again_once_per_interval(
+        make_daemon, broker, database):
+    first = make_daemon()  # config_resend_interval_s 60
+    applied = bind(first, broker, database)
+    with Subscriber(broker.port, TEMP_TOPIC) as sub:
+        publish(broker.port, [temp_report("reset-1")])
+        [resent] = sub.wait_for(1)
+        assert resent.payload == applied and resent.qos == 1 and resent.retain is False  # exactly as published
+        first.wait_for("config_resent", node_uid=UID, version=1, topic=TEMP_TOPIC)
+        [(resent_at,)] = query(database, "SELECT config_resent_at FROM nodes")
+
+        # A second instance (not sharing a group: both get every message), and a node
+        # that resets again at once: both instances store the report, neither resends.
+        second = make_daemon()
+        second.wait_ready()
+        counts = reports_stored(first), reports_stored(second)
+        publish(broker.port, [temp_report("reset-2")])
+        wait_until(lambda: (reports_stored(first), reports_stored(second)) == (counts[0] + 1, counts[1] + 1),
+                   what="both instances stored the second report")
+        assert query(database, "SELECT config_resent_at FROM nodes") == [(resent_at,)]
+        assert reported_channel(database) == "reset-2"
+
+        # After the interval (a minute passes), the next report gets it again, from one instance only.
+        query(database, "UPDATE nodes SET config_resent_at = config_resent_at - interval '61 s'")
+        publish(broker.port, [temp_report("reset-3")])
+        again = sub.wait_for(2)[1]
+        assert again.payload == applied
+        wait_until(lambda: (reports_stored(first), reports_stored(second)) == (counts[0] + 2, counts[1] + 2),
+                   what="both instances stored the third report")
+        wait_until(lambda: len(first.events("config_resent")) + len(second.events("config_resent")) >= 2,
+                   what="the second config_resent line")
+    assert len(first.events("config_resent")) + len(second.events("config_resent")) == 2
+    assert len(sub.messages) == 2
