@@ -243,9 +243,11 @@ class Daemon:
 
     # -- start --
 
-    def migrate(self) -> None:
-        """Apply migrations, and record the MQTT filters about to be subscribed (see
-        store.remember_subscriptions), waiting for PostgreSQL up to database.startup_timeout_s."""
+    def migrate(self, subscribing: bool = False) -> None:
+        """Apply migrations, waiting for PostgreSQL up to database.startup_timeout_s.
+
+        `subscribing` (run): also record the MQTT filters about to be subscribed, and
+        learn the stale ones (store.remember_subscriptions)."""
         s = self.settings.database
         deadline = time.monotonic() + s.startup_timeout_s
         backoff = Backoff(s.retry_min_s, min(s.retry_max_s, 2.0))
@@ -253,10 +255,11 @@ class Daemon:
             try:
                 with store.connect(s.dsn.get_secret_value()) as conn:
                     applied = store.migrate(conn)
-                    # Before any SUBSCRIBE: the record is never short of what the session holds.
-                    mqtt = self.settings.mqtt
-                    self.stale_filters = tuple(store.remember_subscriptions(
-                        conn, mqtt.client_id, wanted_filters(mqtt.shared_group)))
+                    if subscribing:
+                        # Before any SUBSCRIBE: the record is never short of what the session holds.
+                        mqtt = self.settings.mqtt
+                        self.stale_filters = tuple(store.remember_subscriptions(
+                            conn, mqtt.client_id, wanted_filters(mqtt.shared_group)))
                 break
             except psycopg.OperationalError as exc:
                 error = store.error_line(exc)
@@ -272,7 +275,7 @@ class Daemon:
 
     def start(self) -> None:
         started_at = time.monotonic()
-        self.migrate()
+        self.migrate(subscribing=True)
         if self.stopping.is_set():
             return  # asked to stop while waiting for the database: nothing started
         self._supervisor_ref = SupervisorActor.start(self)
