@@ -283,31 +283,36 @@ def _stage(cur: psycopg.Cursor, rows: list[tuple]) -> list[tuple[int, str]]:
     """COPY rows into the staging table, leaving out each one PostgreSQL refuses;
     return (index, detail) of those.
 
-    Each COPY runs under a savepoint, so a refused row costs the rows before it one
-    more COPY, not the batch its transaction: the error names the row (its line, or
-    the row psycopg was writing), which is then tried alone, between the rows
-    before and after it. An error that names no row halves the range instead."""
+    Each COPY runs under a savepoint, so a refused row costs a few more COPYs, not
+    the transaction. The error names the row (its line in COPY's context, or the
+    row psycopg was writing): the rows before it go in one COPY, then it alone. An
+    error that names no row suspects the middle. A COPY that fails sends its rows
+    for nothing, so after a refusal the next COPY is half as long, and after a
+    success twice as long: refusals come in runs, and a run of n costs about n
+    one-row COPYs, not n COPYs of the rest of the batch."""
     refused: list[tuple[int, str]] = []
-    ranges = [(0, len(rows))]  # a stack of [lo, hi): the next one to copy is last
-    while ranges:
-        lo, hi = ranges.pop()
-        if lo == hi:
-            continue
+    lo, size, suspect = 0, len(rows), None
+    while lo < len(rows):
+        hi = lo + 1 if suspect == lo else suspect if suspect is not None else min(len(rows), lo + size)
         at = lo
         try:
             with cur.connection.transaction(), cur.copy(_COPY_STAGE) as copy:
                 for at in range(lo, hi):
                     copy.write_row(rows[at])
         except psycopg.DataError as exc:
+            size = max(1, (hi - lo) // 2)
             if hi - lo == 1:
                 refused.append((lo, refusal_detail(exc)))
+                lo, suspect = hi, None
                 continue
-            bad = at if exc.sqlstate is None else _refused_line(exc, lo, hi)  # None: psycopg refused it
-            if bad is None:
-                middle = (lo + hi) // 2
-                ranges += [(middle, hi), (lo, middle)]
-            else:
-                ranges += [(bad + 1, hi), (bad, bad + 1), (lo, bad)]
+            named = at if exc.sqlstate is None else _refused_line(exc, lo, hi)  # no SQLSTATE: psycopg's
+            suspect = named if named is not None else lo + (hi - lo) // 2
+            continue
+        if suspect is None:
+            size *= 2
+        elif suspect < hi:
+            suspect = None  # it was not the one after all
+        lo = hi
     return refused
 
 

@@ -273,3 +273,51 @@ def test_a_report_acknowledges_a_config_only_once_it_was_handed_to_the_link(conn
         assert outcome.applied_versions == (1,) and outcome.bound_to == ("gh-1", "zn-1")
         store.mark_published(cur, config_id, "hydro/gh-temp/zn-temp/esp32-a1b2c3d4e5f6/config")  # the PUBACK
         assert config_status() == "applied"
+
+
+class CountingCursor:
+    """A real cursor that counts the COPY statements and rows store sends through it."""
+
+    def __init__(self, cur):
+        self.cur, self.connection, self.copies, self.rows = cur, cur.connection, 0, 0
+
+    def copy(self, statement):
+        self.copies += 1
+        counter = self
+
+        class Counted:
+            def __enter__(self):
+                self.manager = counter.cur.copy(statement)
+                self.copy = self.manager.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.manager.__exit__(*exc)
+
+            def write_row(self, row):
+                counter.rows += 1
+                self.copy.write_row(row)
+
+        return Counted()
+
+    def __getattr__(self, name):
+        return getattr(self.cur, name)
+
+
+@pytest.mark.parametrize("refused_every", [1, 10, 250])
+def test_cutting_out_refused_rows_sends_each_row_a_few_times_not_the_batch_once_per_refusal(connect, refused_every):
+    conn = connect()
+    store.prepare_connection(conn)
+    with conn.transaction(), conn.cursor() as cur:
+        register(cur)
+    n = 1000
+    rows = [stage_row(seq, kind="heartbeat", rssi=3_000_000_000, payload="{}") if seq % refused_every == 0
+            else sample_row(seq) for seq in range(n)]
+    with conn.transaction(), conn.cursor() as cur:
+        counting = CountingCursor(cur)
+        refused = store.write_history(counting, rows).refused
+    assert len(refused) == n // refused_every
+    assert conn.execute("SELECT count(*) FROM telemetry_samples").fetchone()[0] == n - n // refused_every
+    # Cutting out each refused row by COPYing the rest again would send ~n²/2 rows.
+    assert counting.rows <= 4 * n, counting.rows
+    assert counting.copies <= 10 * (n // refused_every) + 20, counting.copies
