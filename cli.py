@@ -99,6 +99,8 @@ def nodes(config, args) -> int:
     try:
         with store.connect(config.database.dsn.get_secret_value()) as conn:
             rows = store.list_nodes(conn)
+    except psycopg.errors.UndefinedTable:
+        raise HydrodError("the database has no hydrod schema yet: run `hydrod migrate` first") from None
     except psycopg.Error as exc:
         from .errors import DatabaseUnavailable
         raise DatabaseUnavailable(f"cannot read nodes: {store.error_line(exc)}") from None

@@ -54,6 +54,13 @@ def test_nodes_lists_the_registry(make_daemon, broker, database):
     assert json.loads(as_json.stdout.splitlines()[0])["hardware_id"] == "esp32-a1b2c3d4e5f6"
 
 
+def test_nodes_before_any_migration_says_to_run_migrate(tmp_path, database):
+    config = write_config(tmp_path, database={"dsn": database})
+    result = hydrod("nodes", "--config", config)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "hydrod: the database has no hydrod schema yet: run `hydrod migrate` first"
+
+
 def test_an_unreachable_database_at_start_is_one_clear_line_and_exit_3(tmp_path):
     config = write_config(tmp_path, database={"startup_timeout_s": 1.0})
     result = hydrod("run", "--config", config)
