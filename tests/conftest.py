@@ -63,7 +63,7 @@ def make_proxy() -> Iterator[Callable[[int], TcpProxy]]:
 
 @pytest.fixture
 def make_daemon(tmp_path: Path, broker: Mosquitto, database: str) -> Iterator[Callable[..., Daemon]]:
-    """make_daemon(start=True, env=None, args=(), **sections) -> Daemon.
+    """make_daemon(start=True, env=None, args=(), command=None, **sections) -> Daemon.
 
     Each keyword is a config section merged over the fast test defaults, e.g.
     make_daemon(telemetry={"batch_size": 10}, mqtt={"port": proxy.port}).
@@ -72,9 +72,9 @@ def make_daemon(tmp_path: Path, broker: Mosquitto, database: str) -> Iterator[Ca
     daemons: list[Daemon] = []
 
     def make(start: bool = True, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-             **sections: dict[str, Any]) -> Daemon:
+             command: list[str] | None = None, **sections: dict[str, Any]) -> Daemon:
         daemon = Daemon(tmp_path / f"hydrod-{len(daemons)}", broker.port, database,
-                        sections, env=env, args=args)
+                        sections, env=env, args=args, command=command)
         daemons.append(daemon)
         return daemon.start() if start else daemon
 

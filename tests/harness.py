@@ -615,11 +615,13 @@ def _hydrod_argv() -> list[str]:
 class Daemon:
     """hydrod as a subprocess with a config written from `sections` merged over
     fast_config(). stdout is parsed as JSON lines into `lines` (non-JSON lines
-    stay as str); stderr lines go to `stderr`."""
+    stay as str); stderr lines go to `stderr`. It runs in `directory`, beside its
+    config.toml, as `hydrod run --config config.toml ARGS`, or as `command` when given."""
 
     def __init__(self, directory: Path, mqtt_port: int, dsn: str,
                  sections: dict[str, dict[str, Any]] | None = None,
-                 env: dict[str, str] | None = None, args: Iterable[str] = ()) -> None:
+                 env: dict[str, str] | None = None, args: Iterable[str] = (),
+                 command: list[str] | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = merge_sections(fast_config(mqtt_port, dsn, free_port()), sections or {})
@@ -627,6 +629,7 @@ class Daemon:
         self.config_path.write_text(to_toml(self.config))
         self.extra_env = env or {}
         self.args = list(args)
+        self.command = command or [*_hydrod_argv(), "run", "--config", str(self.config_path), *self.args]
         # The open-file limit (soft and hard) hydrod runs under; None keeps the test's.
         self.nofile: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -642,8 +645,7 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HYDROD_")}
         env.update(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", **self.extra_env)
         self.proc = subprocess.Popen(
-            [*_hydrod_argv(), "run", "--config", str(self.config_path), *self.args],
-            cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
+            self.command, cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=self._limits if self.nofile is not None else None)
         self._open_streams = 2
         self._readers = [
