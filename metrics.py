@@ -17,6 +17,8 @@ class Metrics:
                                   "Messages not stored again: a broker redelivery, or the same sample or event"
                                   " sent twice, by kind", ["kind"], registry=r)
         self.acked = Counter("hydrod_messages_acked", "QoS 1 messages acknowledged to the broker", registry=r)
+        self.answered = Counter("hydrod_messages_answered",
+                                "Time requests settled by their answer (nothing to store)", registry=r)
         self.deferred = Counter("hydrod_messages_deferred",
                                 "Messages left to the broker for redelivery (received while stopping)", registry=r)
         self.ts_replaced = Counter("hydrod_ts_replaced", "Node timestamps replaced by the receive time, by rule",
@@ -44,6 +46,19 @@ class Metrics:
         self.configs_applied = Counter("hydrod_configs_applied", "Configs acknowledged by their node", registry=r)
         self.config_timeouts = Counter("hydrod_config_timeouts", "Configs never acknowledged", registry=r)
 
+    def accounts(self) -> dict[str, int]:
+        """Where the received messages went. Once nothing is pending,
+        received == committed + answered + rejected. `refused` (QoS 0 turned away at the
+        door: overload, stopping) and `deferred` (QoS 1 left to the broker while stopping)
+        were never taken in, so they are not part of `received`."""
+        rejected = _values(self.rejected, "reason")
+        refused = rejected.pop("overload", 0) + rejected.pop("stopping", 0)
+        rejected.pop("message_dropped", 0)  # an internal request, not a received message
+        total = lambda metric, label="": int(sum(_values(metric, label).values()))  # noqa: E731
+        return {"received": total(self.received, "kind"), "committed": total(self.stored, "actor"),
+                "answered": total(self.answered), "rejected": int(sum(rejected.values())),
+                "pending": total(self.pending), "refused": int(refused), "deferred": total(self.deferred)}
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -61,3 +76,9 @@ class Metrics:
                 else:
                     out[name] = sample.value
         return out
+
+
+def _values(metric: Counter | Gauge, label: str = "") -> dict[str, float]:
+    """A counter's totals (or a gauge's values), by the value of `label`."""
+    return {sample.labels.get(label, ""): sample.value for family in metric.collect()
+            for sample in family.samples if not sample.name.endswith("_created")}

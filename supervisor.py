@@ -365,7 +365,8 @@ class Daemon:
                 self._supervisor_ref.stop(block=True, timeout=remaining())
             except pykka.Timeout:
                 log.error("actor_stop_timeout", stopped_actor="supervisor")
-        log.info("daemon_stopped", drained=drained, failure=None if self.failure is None else str(self.failure))
+        log.info("daemon_stopped", drained=drained, messages=self.metrics.accounts(),
+                 failure=None if self.failure is None else str(self.failure))
 
 
 def _cause(exc: BaseException) -> str:

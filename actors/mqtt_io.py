@@ -349,6 +349,7 @@ class MqttIo(SupervisedActor):
             # Unreadable, but a node is waiting on the clock: answer, and keep the evidence.
             self.history.tell(Deliver((routed._replace(kind=REJECT, reason=exc.reason, detail=exc.detail),)))
         else:
+            self.metrics.answered.inc()
             self._acknowledge((routed.seq,))
         self._publish(Publish(protocol.TIME_RESPONSE_TOPIC, protocol.time_response(time.time())))
 

@@ -846,6 +846,17 @@ def thread_count(pid: int) -> int:
     raise AssertionError(f"no Threads for pid {pid}")
 
 
+def accounts_at_stop(daemon: Daemon) -> dict[str, int]:
+    """The `messages` of the last daemon_stopped, checked: every message received was
+    committed, answered (a time request) or rejected, and none is left pending."""
+    stopped = daemon.events("daemon_stopped")
+    assert stopped, "no daemon_stopped line"
+    accounts = stopped[-1]["messages"]
+    assert accounts["pending"] == 0, accounts
+    assert accounts["received"] == accounts["committed"] + accounts["answered"] + accounts["rejected"], accounts
+    return accounts
+
+
 def vmrss_kib(pid: int) -> int:
     """Resident memory of a process, from /proc/<pid>/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from harness import (bind_node, fixtures, hello, metric_value, publish, query, register_node,
+from harness import (Subscriber, bind_node, fixtures, hello, metric_value, publish, query, register_node,
                      wait_until)
 
 PH_HW = "esp32-a1b2c3d4e5f6"
@@ -139,10 +139,17 @@ def test_the_same_samples_published_twice_are_stored_once(hydrod, broker, databa
     publish(broker.port, [(telemetry_topic(PH_UID, "sentinel"), sample(ts=base))])
     wait_until(lambda: samples_on(database, "sentinel"), 10, "the sentinel sample")
 
-    counts = query(database, "SELECT count(*), count(DISTINCT ts), min(value), max(value)"
-                             " FROM telemetry_samples WHERE channel = 'dup'")
-    assert counts == [(200, 200, 0.0, 199.0)]
+    counts = query(database, "SELECT count(*), min(value), max(value) FROM telemetry_samples"
+                             " WHERE channel = 'dup'")
+    assert counts == [(200, 0.0, 199.0)]
+    # Both copies were received and settled as committed: none refused, none dropped.
     assert dead_letters(database) == []
+    def counted() -> tuple:
+        metrics = hydrod.http("GET", "/metrics")[1]
+        return (metric_value(metrics, "hydrod_messages_received_total", kind="telemetry"),
+                metric_value(metrics, "hydrod_messages_stored_total", actor="db_writer"))
+
+    wait_until(lambda: counted() == (401, 401), 5, "401 received and 401 committed")
 
 
 def test_an_older_sample_arriving_late_leaves_telemetry_last_unchanged_and_a_newer_one_updates_it(
@@ -385,14 +392,16 @@ def test_a_redelivered_event_is_stored_once_and_a_new_one_is_kept(hydrod, broker
 
 def test_a_payload_nested_beyond_reason_is_dead_lettered_even_on_the_clock_topic(hydrod, broker, database):
     deep = b'{"message_type":"time_request","x":' + b"[" * 3000 + b"]" * 3000 + b"}"
-    publish(broker.port, [("hydro/time/request", deep),
-                          (f"hydro/gh-1/zn-1/{PH_UID}/diagnostics", deep)])
-    rows = wait_until(rows_once(2, database, "SELECT reason, topic FROM dead_letters ORDER BY topic"),
-                      10, "two dead letters")
+    with Subscriber(broker.port, "hydro/time/response") as clock:
+        publish(broker.port, [("hydro/time/request", deep),
+                              (f"hydro/gh-1/zn-1/{PH_UID}/diagnostics", deep)])
+        rows = wait_until(rows_once(2, database, "SELECT reason, topic FROM dead_letters ORDER BY topic"),
+                          10, "two dead letters")
+        # The node still gets its clock.
+        [answer] = clock.wait_for(1)
     assert rows == [("bad_json", f"hydro/gh-1/zn-1/{PH_UID}/diagnostics"), ("bad_json", "hydro/time/request")]
     assert hydrod.events("actor_failed") == []
-    # The node still gets its clock.
-    register_node(broker.port, database, PH_HW)
+    assert answer.json()["message_type"] == "time_response"
 
 
 def test_every_heartbeat_is_kept_in_the_history_even_one_byte_for_byte_like_an_earlier_one(

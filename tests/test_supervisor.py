@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from harness import fast_config, free_port, merge_sections, publish, query, to_toml, wait_until
+from harness import (accounts_at_stop, fast_config, free_port, merge_sections, publish, query, to_toml,
+                     wait_until)
 from hydrod import logs, settings
 from hydrod.actors.base import Deliver, Health
 from hydrod.supervisor import Daemon
@@ -179,14 +180,17 @@ def test_sigterm_drains_what_was_received_and_exits_0(make_daemon, broker, datab
     stopped = daemon.events("daemon_stopped")
     assert stopped and stopped[0]["failure"] is None
     stored = query(database, "SELECT count(*) FROM telemetry_samples")[0][0]
-    # What was not received yet stays in the broker for the next start: nothing lost, nothing twice.
+    # Everything it took in was committed before it exited: the hello and `stored` samples.
+    accounts = accounts_at_stop(daemon)
+    assert (accounts["committed"], accounts["rejected"]) == (1 + stored, 0), accounts
+    # What was not received yet stays in the broker for the next start: nothing lost.
     again = make_daemon(mqtt={"client_id": daemon.config["mqtt"]["client_id"]})
     again.wait_ready()
     wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 3000,
                what="3000 samples")
-    assert stored > 0
     publish(broker.port, samples(500, start=1_764_100_000))  # traffic up to the second stop, too
     assert again.terminate() == 0
+    accounts_at_stop(again)
     # Log-based monitoring alerts on errors: a clean stop has none.
     assert [r for d in (daemon, again) for r in d.records() if r["level"] in ("error", "critical")] == []
 
