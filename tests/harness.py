@@ -55,8 +55,28 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(interval)  # a poll: the condition is re-checked, with a deadline
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free port below the kernel's ephemeral range. A port the kernel chose (bind to
+    0) comes from that range, where any process's next outgoing connection can take it
+    between this check and the server's bind: with several suites running at once,
+    that happened."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = secrets.choice(range(10_000, max(low, 10_001)))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the range below is crowded: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

@@ -143,3 +143,14 @@ def test_the_daemon_config_is_one_hydrod_accepts(make_daemon, database):
     assert loaded.database.dsn.get_secret_value() == database
     assert (loaded.telemetry.batch_size, loaded.http.port) == (7, daemon.config["http"]["port"])
     assert loaded.supervisor.backoff_max_s == 0.2
+
+
+def test_free_ports_lie_below_the_ephemeral_range_that_outgoing_connections_use():
+    import socket
+
+    from harness import _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(10_000 <= port < _ephemeral_low() for port in ports), ports
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))
