@@ -187,3 +187,23 @@ def test_a_database_that_is_not_utf8_is_refused_with_one_clear_line_by_run_migra
 
 def test_the_tests_own_databases_are_utf8(database):
     assert query(database, "SHOW server_encoding") == [("UTF8",)]
+
+
+def test_run_without_config_reads_hydrod_config_else_the_config_toml_where_it_runs(make_daemon):
+    from harness import _hydrod_argv
+
+    # ./config.toml: the daemon runs in its own directory, beside the one it wrote.
+    here = make_daemon(command=[*_hydrod_argv(), "run"])
+    here.wait_ready()
+    assert here.http("GET", "/healthz")[0] == 200
+    assert here.terminate() == 0
+
+    # $HYDROD_CONFIG wins over ./config.toml, which is made unreadable as a config.
+    there = make_daemon(start=False, command=[*_hydrod_argv(), "run"])
+    elsewhere = there.dir / "elsewhere.toml"
+    there.config_path.rename(elsewhere)
+    there.config_path.write_text("[mqtt]\nhots = 'wrong file'\n")
+    there.extra_env = {"HYDROD_CONFIG": str(elsewhere)}
+    there.start().wait_ready()
+    assert there.http("GET", "/healthz")[0] == 200
+    assert there.terminate() == 0

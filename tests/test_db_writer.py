@@ -404,6 +404,17 @@ def test_a_payload_nested_beyond_reason_is_dead_lettered_even_on_the_clock_topic
     assert answer.json()["message_type"] == "time_response"
 
 
+def test_a_diagnostics_message_is_stored_as_a_node_event(hydrod, broker, database):
+    register_node(broker.port, database, PH_HW)
+    payload = {"ts": 1710001234, "wifi_rssi": -61, "free_heap": 98000, "mqtt_reconnects": 2}
+    publish(broker.port, [(f"hydro/gh-1/zn-1/{PH_UID}/diagnostics", payload)])
+    rows = wait_until(rows_once(1, database, "SELECT n.uid, e.kind, e.payload, e.ts FROM node_events e"
+                                              " JOIN nodes n ON n.id = e.node_id WHERE e.kind = 'diagnostics'"),
+                      10, "the diagnostics event")
+    assert rows == [(PH_UID, "diagnostics", payload, utc(1710001234))]
+    assert dead_letters(database) == []
+
+
 def test_every_heartbeat_is_kept_in_the_history_even_one_byte_for_byte_like_an_earlier_one(
         hydrod, broker, database):
     # After a reboot a node can send a heartbeat like an old one: it is a heartbeat all the

@@ -2,6 +2,8 @@
 
 import json
 import socket
+import sys
+import textwrap
 import time
 
 from harness import metric_value, open_fds, publish, query, register_node, thread_count, wait_until
@@ -267,3 +269,31 @@ def test_idle_connections_past_the_open_file_limit_leave_the_database_its_connec
             sock.close()
     listening = daemon.events("http_listening")[0]
     assert listening["connection_limit"] == 256 - 100
+
+REGISTRY_ALWAYS_FAILS = textwrap.dedent("""
+    import sys
+    from hydrod import cli
+
+    def always(actor, message):
+        if actor == "node_registry" and type(message).__name__ == "Deliver":
+            raise RuntimeError("registry always fails")
+
+    sys.exit(cli.main(["--config", "config.toml", "run"], fault_hook=always))
+""")
+
+
+def test_healthz_names_an_actor_that_died_and_waits_for_its_restart(make_daemon, broker):
+    # A restart backoff of 3 s leaves time to ask while the registry is down.
+    daemon = make_daemon(command=[sys.executable, "-c", REGISTRY_ALWAYS_FAILS],
+                         supervisor={"backoff_min_s": 3.0, "backoff_max_s": 3.0, "max_restarts": 100,
+                                     "max_message_failures": 100})
+    daemon.wait_ready()
+    assert daemon.http("GET", "/healthz")[0] == 200
+    mark = daemon.mark()
+    publish(broker.port, [("hydro/node_hello", {"message_type": "node_hello", "hardware_id": "esp32-0000000000aa",
+                                                "node_type": "ph"})])
+    daemon.wait_for("actor_failed", since=mark, failed_actor="node_registry")
+    status, body = daemon.http("GET", "/healthz")
+    assert status == 503, body
+    assert "node_registry" in body["failing"], body
+    assert daemon.terminate() == 0

@@ -195,6 +195,20 @@ def test_sigterm_drains_what_was_received_and_exits_0(make_daemon, broker, datab
     assert [r for d in (daemon, again) for r in d.records() if r["level"] in ("error", "critical")] == []
 
 
+def test_sigint_drains_what_was_received_and_exits_0_as_sigterm_does(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    publish(broker.port, samples(1000))
+    assert daemon.interrupt(timeout=20) == 0
+    assert daemon.events("daemon_stopping")[0]["reason"] == "SIGINT"
+    assert daemon.events("daemon_stopped")[-1]["failure"] is None
+    stored = query(database, "SELECT count(*) FROM telemetry_samples")[0][0]
+    accounts = accounts_at_stop(daemon)
+    assert (accounts["committed"], accounts["rejected"]) == (1 + stored, 0), accounts
+
+
 def test_a_replacement_that_fails_to_start_is_tried_again_with_everything_it_was_owed(
         in_process, broker, database):
     published, armed, start_fails = threading.Event(), threading.Event(), threading.Event()
