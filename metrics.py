@@ -48,7 +48,7 @@ class Metrics:
 
     def accounts(self) -> dict[str, int]:
         """Where the received messages went. Once nothing is pending,
-        received == committed + answered + rejected. `refused` (QoS 0 turned away at the
+        received == committed + duplicate + answered + rejected. `refused` (QoS 0 turned away at the
         door: overload, stopping) and `deferred` (QoS 1 left to the broker while stopping)
         were never taken in, so they are not part of `received`."""
         rejected = _values(self.rejected, "reason")
@@ -56,7 +56,7 @@ class Metrics:
         rejected.pop("message_dropped", 0)  # an internal request, not a received message
         total = lambda metric, label="": int(sum(_values(metric, label).values()))  # noqa: E731
         return {"received": total(self.received, "kind"), "committed": total(self.stored, "actor"),
-                "answered": total(self.answered), "rejected": int(sum(rejected.values())),
+                "duplicate": total(self.duplicates, "kind"), "answered": total(self.answered), "rejected": int(sum(rejected.values())),
                 "pending": total(self.pending), "refused": int(refused), "deferred": total(self.deferred)}
 
     def exposition(self) -> bytes:

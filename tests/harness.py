@@ -868,12 +868,14 @@ def thread_count(pid: int) -> int:
 
 def accounts_at_stop(daemon: Daemon) -> dict[str, int]:
     """The `messages` of the last daemon_stopped, checked: every message received was
-    committed, answered (a time request) or rejected, and none is left pending."""
+    committed, skipped as a duplicate, answered (a time request) or rejected, and none
+    is left pending."""
     stopped = daemon.events("daemon_stopped")
     assert stopped, "no daemon_stopped line"
     accounts = stopped[-1]["messages"]
     assert accounts["pending"] == 0, accounts
-    assert accounts["received"] == accounts["committed"] + accounts["answered"] + accounts["rejected"], accounts
+    assert accounts["received"] == sum(accounts[k] for k in ("committed", "duplicate", "answered", "rejected")), \
+        accounts
     return accounts
 
 

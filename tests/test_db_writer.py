@@ -142,14 +142,16 @@ def test_the_same_samples_published_twice_are_stored_once(hydrod, broker, databa
     counts = query(database, "SELECT count(*), min(value), max(value) FROM telemetry_samples"
                              " WHERE channel = 'dup'")
     assert counts == [(200, 0.0, 199.0)]
-    # Both copies were received and settled as committed: none refused, none dropped.
+    # Both copies were received and settled: the second as a duplicate, none refused or dropped.
     assert dead_letters(database) == []
+
     def counted() -> tuple:
         metrics = hydrod.http("GET", "/metrics")[1]
         return (metric_value(metrics, "hydrod_messages_received_total", kind="telemetry"),
-                metric_value(metrics, "hydrod_messages_stored_total", actor="db_writer"))
+                metric_value(metrics, "hydrod_messages_stored_total", actor="db_writer"),
+                metric_value(metrics, "hydrod_messages_duplicate_total", kind="telemetry"))
 
-    wait_until(lambda: counted() == (401, 401), 5, "401 received and 401 committed")
+    wait_until(lambda: counted() == (401, 201, 200), 5, "401 received: 201 stored, 200 duplicates")
 
 
 def test_an_older_sample_arriving_late_leaves_telemetry_last_unchanged_and_a_newer_one_updates_it(

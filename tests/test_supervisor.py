@@ -182,7 +182,7 @@ def test_sigterm_drains_what_was_received_and_exits_0(make_daemon, broker, datab
     stored = query(database, "SELECT count(*) FROM telemetry_samples")[0][0]
     # Everything it took in was committed before it exited: the hello and `stored` samples.
     accounts = accounts_at_stop(daemon)
-    assert (accounts["committed"], accounts["rejected"]) == (1 + stored, 0), accounts
+    assert (accounts["committed"], accounts["duplicate"], accounts["rejected"]) == (1 + stored, 0, 0), accounts
     # What was not received yet stays in the broker for the next start: nothing lost.
     again = make_daemon(mqtt={"client_id": daemon.config["mqtt"]["client_id"]})
     again.wait_ready()
@@ -206,7 +206,7 @@ def test_sigint_drains_what_was_received_and_exits_0_as_sigterm_does(make_daemon
     assert daemon.events("daemon_stopped")[-1]["failure"] is None
     stored = query(database, "SELECT count(*) FROM telemetry_samples")[0][0]
     accounts = accounts_at_stop(daemon)
-    assert (accounts["committed"], accounts["rejected"]) == (1 + stored, 0), accounts
+    assert (accounts["committed"], accounts["duplicate"], accounts["rejected"]) == (1 + stored, 0, 0), accounts
 
 
 def test_a_replacement_that_fails_to_start_is_tried_again_with_everything_it_was_owed(
@@ -471,7 +471,8 @@ def test_a_crashed_mqtt_io_is_restarted_relinks_once_and_everything_is_stored_on
                what="everything acknowledged, the link up")
     # Every message the link took in, before and after the restart, was committed, none refused.
     accounts = daemon.metrics.accounts()
-    assert accounts["received"] == accounts["committed"] and accounts["rejected"] == 0, accounts
+    assert accounts["received"] == accounts["committed"] + accounts["duplicate"], accounts
+    assert accounts["rejected"] == 0, accounts
     assert query(database, "SELECT count(*) FROM dead_letters") == [(0,)]
     # The link came back once, cleanly: the dead incarnation's late callbacks made no noise.
     assert len(lines.events("mqtt_connected")) == 2
