@@ -380,13 +380,13 @@ class Registration:
     changed: tuple[str, ...]  # the fields a repeat hello changed
 
 
-def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str | None, fw_version: str | None,
+def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str, fw_version: str | None,
                   capabilities: list[str] | None, hardware_revision: str | None, name: str | None,
                   wanted_uid: str | None, base: str, seen_at: float) -> Registration:
     """Create the node for a new hardware id, or update a known one (uid kept).
 
-    A repeat hello without node_type, fw_version, capabilities or hardware_revision
-    (None) keeps the stored ones; a new node without a type is `unknown`.
+    A repeat hello without fw_version, capabilities or hardware_revision (None)
+    keeps the stored ones.
 
     One statement for a known node, one for a new one whose uid is free: a
     fleet that says hello all at once after an outage is mostly round trips."""
@@ -394,7 +394,7 @@ def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str | Non
     cur.execute(
         "WITH old AS (SELECT id, uid, type, fw_version, capabilities, hardware_revision FROM nodes"
         "             WHERE hardware_id = %s FOR UPDATE)"
-        " UPDATE nodes n SET type = coalesce(%s, n.type), fw_version = coalesce(%s, n.fw_version),"
+        " UPDATE nodes n SET type = %s, fw_version = coalesce(%s, n.fw_version),"
         "   capabilities = coalesce(%s, n.capabilities), hardware_revision = coalesce(%s, n.hardware_revision),"
         "   name = coalesce(%s, n.name),"
         "   status = CASE WHEN n.status_at IS NULL OR n.status_at <= %s THEN 'online' ELSE n.status END,"
@@ -421,7 +421,7 @@ def register_node(cur: psycopg.Cursor, *, hardware_id: str, node_type: str | Non
             " name, status, status_at, last_seen_at)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, 'online', %s, %s)"
             " ON CONFLICT DO NOTHING RETURNING uid",
-            (candidate, hardware_id, node_type or "unknown", fw_version, Jsonb(capabilities or []), hardware_revision,
+            (candidate, hardware_id, node_type, fw_version, Jsonb(capabilities or []), hardware_revision,
              name, seen, seen),
         )
         if cur.fetchone() is not None:

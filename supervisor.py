@@ -21,8 +21,8 @@ import pykka
 import structlog
 
 from . import protocol, store
-from .actors.base import (ActorFailed, ActorUnavailable, Address, Backoff, Context, Deliver, Flush, Health, Ticker,
-                          tell_later)
+from .actors.base import (ActorFailed, ActorUnavailable, Address, Backoff, Context, Deliver, Flush, Health, Ready,
+                          Ticker, tell_later)
 from .actors.config_publisher import ConfigPublisher
 from .actors.db_writer import DbWriter
 from .actors.http_api import HttpApi, Peers
@@ -31,6 +31,7 @@ from .actors.node_registry import NodeRegistry
 from .errors import DatabaseUnavailable, StartupError, SupervisorGaveUp, unexpected
 from .metrics import Metrics
 from .settings import Settings
+from .systemd import Notifier
 
 log = structlog.get_logger("hydrod", actor="supervisor")
 
@@ -81,6 +82,8 @@ class SupervisorActor(pykka.ThreadingActor):
                     self._restart(failure, first)
                 case _Stats():
                     self._stats()
+                case Ready():
+                    self.daemon.ready()
         except Exception as exc:
             # Nothing would be supervised any more: stop everything, so that systemd
             # starts a whole new process.
@@ -191,8 +194,11 @@ class Daemon:
 
     ORDER = ("db_writer", "node_registry", "config_publisher", "http_api", "mqtt_io")
 
-    def __init__(self, settings: Settings, fault_hook: Callable[[str, Any], None] | None = None):
+    def __init__(self, settings: Settings, fault_hook: Callable[[str, Any], None] | None = None,
+                 notifier: Notifier | None = None):
         self.settings = settings
+        self.notifier = notifier or Notifier()
+        self._ready = False
         self.metrics = Metrics()
         self.fault_hook = fault_hook
         self.stopping = threading.Event()
@@ -243,11 +249,9 @@ class Daemon:
 
     # -- start --
 
-    def migrate(self, subscribing: bool = False) -> None:
-        """Apply migrations, waiting for PostgreSQL up to database.startup_timeout_s.
-
-        `subscribing` (run): also record the MQTT filters about to be subscribed, and
-        learn the stale ones (store.remember_subscriptions)."""
+    def migrate(self) -> None:
+        """Apply migrations, and record the MQTT filters about to be subscribed (see
+        store.remember_subscriptions), waiting for PostgreSQL up to database.startup_timeout_s."""
         s = self.settings.database
         deadline = time.monotonic() + s.startup_timeout_s
         backoff = Backoff(s.retry_min_s, min(s.retry_max_s, 2.0))
@@ -255,11 +259,10 @@ class Daemon:
             try:
                 with store.connect(s.dsn.get_secret_value()) as conn:
                     applied = store.migrate(conn)
-                    if subscribing:
-                        # Before any SUBSCRIBE: the record is never short of what the session holds.
-                        mqtt = self.settings.mqtt
-                        self.stale_filters = tuple(store.remember_subscriptions(
-                            conn, mqtt.client_id, wanted_filters(mqtt.shared_group)))
+                    # Before any SUBSCRIBE: the record is never short of what the session holds.
+                    mqtt = self.settings.mqtt
+                    self.stale_filters = tuple(store.remember_subscriptions(
+                        conn, mqtt.client_id, wanted_filters(mqtt.shared_group)))
                 break
             except psycopg.OperationalError as exc:
                 error = store.error_line(exc)
@@ -275,7 +278,10 @@ class Daemon:
 
     def start(self) -> None:
         started_at = time.monotonic()
-        self.migrate(subscribing=True)
+        if self.notifier.watchdog_interval is not None:
+            threading.Thread(target=self._watchdog, args=(self.notifier.watchdog_interval,),
+                             name="watchdog", daemon=True).start()
+        self.migrate()
         if self.stopping.is_set():
             return  # asked to stop while waiting for the database: nothing started
         self._supervisor_ref = SupervisorActor.start(self)
@@ -318,6 +324,44 @@ class Daemon:
             log.info("daemon_stopping", reason=reason)
         self.stopping.set()
 
+    def ready(self) -> None:
+        """MqttIo is subscribed: tell systemd, once (a reconnect subscribes again)."""
+        if not self._ready and not self.stopping.is_set():
+            self._ready = True
+            self.notifier.notify("READY=1", "STATUS=subscribed")
+            log.info("daemon_ready", systemd=bool(self.notifier.address))
+
+    def not_progressing(self) -> list[str]:
+        """The actors that are not alive and making progress, each with why: what /healthz
+        calls stalled or restarting (Address.not_progressing), and the supervisor if it stopped."""
+        now, stall_after_s = time.monotonic(), self.settings.supervisor.stall_after_s
+        stuck = [f"{name}: {why}" for name in self.started
+                 if (why := self.specs[name].address.not_progressing(stall_after_s, now)) is not None]
+        if self._supervisor_ref is not None and not self._supervisor_ref.is_alive():
+            stuck.append("supervisor: stopped")
+        return stuck
+
+    def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 every `interval` while every actor makes progress. Withheld while one
+        does not, so that systemd kills hydrod (SIGABRT) and starts it again after WatchdogSec.
+        Start-up (waiting for PostgreSQL) is no stall: no actor has started yet."""
+        withheld: list[str] | None = None
+        while not self.stopping.wait(interval):
+            try:
+                stuck = self.not_progressing()
+            except Exception as exc:  # a periodic job: log, and keep the schedule
+                log.error("watchdog_failed", error=repr(exc), exc_info=True)
+                continue
+            if not stuck:
+                self.notifier.notify("WATCHDOG=1")
+                if withheld is not None:
+                    log.info("watchdog_resumed", was=withheld)
+                    withheld = None
+            elif withheld is None:
+                withheld = stuck
+                log.error("watchdog_withheld", not_progressing=stuck,
+                          detail="systemd kills and restarts hydrod if this lasts WatchdogSec")
+
     def wait(self) -> None:
         while not self.stopping.wait(1.0):
             if not self._supervisor_ref.is_alive():
@@ -336,6 +380,7 @@ class Daemon:
         deadline = time.monotonic() + self.settings.supervisor.shutdown_timeout_s
         remaining = lambda: max(deadline - time.monotonic(), 0.1)  # noqa: E731
         self.stopping.set()
+        self.notifier.notify("STOPPING=1", "STATUS=draining")
         if self._stats is not None:
             self._stats.stop()
         drained: dict[str, Any] = {}

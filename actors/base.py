@@ -63,6 +63,13 @@ class LinkChanged:
 
 
 @dataclass(frozen=True)
+class Ready:
+    """To the supervisor: this actor now does its job (MqttIo: subscribed), so hydrod is ready."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class ActorFailed:
     """To the supervisor: an actor died; what it held is handed over."""
 
@@ -145,6 +152,19 @@ class Address:
     @property
     def ref(self) -> pykka.ActorRef | None:
         return self._ref
+
+    def not_progressing(self, stall_after_s: float, now: float) -> str | None:
+        """Why this actor is not alive and making progress, or None when it is.
+
+        Read, not asked: an ask would wait behind a long batch. A busy actor is
+        working; one on the same message for more than `stall_after_s` is stuck.
+        /healthz and the systemd watchdog both judge actors by this."""
+        if self._ref is None:
+            return "restarting or stopped"
+        busy_since, handling = self.busy_since, self.handling
+        if busy_since is not None and now - busy_since > stall_after_s:
+            return f"stalled: on one {handling} for {now - busy_since:.1f} s"
+        return None
 
     @property
     def held(self) -> int:

@@ -145,10 +145,9 @@ class Api:
             busy_since, handling = address.busy_since, address.handling
             busy_s = None if busy_since is None else now - busy_since
             part = address.name
-            if address.ref is None:
-                ok, detail = False, "restarting or stopped"
-            elif busy_s is not None and busy_s > self.stall_after_s:
-                ok, detail = False, f"stalled: on one {handling} for {busy_s:.1f} s"
+            stuck = address.not_progressing(self.stall_after_s, now)
+            if stuck is not None:
+                ok, detail = False, stuck
             else:
                 ok, detail = address.health or (True, "running")
                 part = resource.get(address.name, address.name)

@@ -25,7 +25,7 @@ from .. import protocol
 from ..protocol import CONFIG_REPORT, HELLO, REJECT, TIME_REQUEST, Routed
 from ..settings import MqttSettings
 from .inbound import Arrivals, Inbound, Ledger
-from .base import Address, Backoff, Context, Deliver, Health, LinkChanged, SupervisedActor, tell_later
+from .base import Address, Backoff, Context, Deliver, Health, LinkChanged, Ready, SupervisedActor, tell_later
 
 # --- messages ----------------------------------------------------------------------
 
@@ -495,6 +495,7 @@ class MqttIo(SupervisedActor):
         if not self._awaiting:
             self.log.info("mqtt_subscribed", filters=len(self.filters), unsubscribed=self._unsubscribed,
                           shared_group=self.settings.shared_group or None)
+            self.ctx.supervisor.tell(Ready(self.ctx.name))
 
     def _on_disconnected(self, reason: str) -> None:
         was_connected = self.connected

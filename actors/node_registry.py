@@ -87,8 +87,7 @@ class NodeRegistry(BatchConsumer):
         node_type = protocol.normalise_type(hello.node_type)
         meta = hello.provisioning_meta
         result = store.register_node(
-            cur, hardware_id=hello.hardware_id, node_type=node_type if hello.node_type is not None else None,
-            fw_version=hello.fw_version,
+            cur, hardware_id=hello.hardware_id, node_type=node_type, fw_version=hello.fw_version,
             capabilities=hello.capabilities, hardware_revision=hello.hardware_revision,
             name=meta.node_name if meta else None, wanted_uid=protocol.provisioned_uid(hello),
             base=protocol.base_uid(hello.hardware_id, node_type), seen_at=item.received_at,

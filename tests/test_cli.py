@@ -37,8 +37,6 @@ def test_migrate_creates_the_schema_once(tmp_path, database):
     second = hydrod("migrate", "--config", config)
     assert second.returncode == 0, second.stderr
     assert query(database, "SELECT count(*) FROM schema_migrations")[0][0] == len(store.migrations())
-    # Nothing subscribes: no filter is recorded as the session's (README, "Changing mqtt.shared_group").
-    assert query(database, "SELECT count(*) FROM mqtt_subscriptions") == [(0,)]
 
 
 def test_nodes_lists_the_registry(make_daemon, broker, database):

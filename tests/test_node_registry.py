@@ -144,18 +144,18 @@ def test_a_held_report_for_a_suffixed_uid_is_applied_when_that_node_registers(ma
     assert query(database, "SELECT count(*) FROM held_config_reports")[0][0] == 0
 
 
-def test_a_repeat_hello_without_type_firmware_or_capabilities_keeps_the_stored_ones(make_daemon, broker, database):
+def test_a_repeat_hello_without_firmware_or_capabilities_keeps_the_stored_ones(make_daemon, broker, database):
     daemon = make_daemon()
     daemon.wait_ready()
     publish(broker.port, [("hydro/node_hello", hello("esp32-a1b2c3d4e5f6", capabilities=["ph", "temperature"],
                                                      hardware_revision="rev-b"))])
     wait_until(lambda: node_rows(database), what="node")
     publish(broker.port, [("hydro/node_hello", {"message_type": "node_hello", "hardware_id": "esp32-a1b2c3d4e5f6",
-                                                "fw_version": None})])
+                                                "node_type": "ph", "fw_version": None})])
     record = daemon.wait_for("node_updated", node_uid="nd-ph-a1b2c3d4e5f6")
     assert record["changed"] == []
-    [row] = query(database, "SELECT type, fw_version, capabilities, hardware_revision FROM nodes")
-    assert row == ("ph", "1.0.0", ["ph", "temperature"], "rev-b")
+    [(fw, caps, revision)] = query(database, "SELECT fw_version, capabilities, hardware_revision FROM nodes")
+    assert (fw, caps, revision) == ("1.0.0", ["ph", "temperature"], "rev-b")
     # Given ones still replace them, an empty list too.
     publish(broker.port, [("hydro/node_hello", hello("esp32-a1b2c3d4e5f6", fw_version="1.1.0", capabilities=[]))])
     wait_until(lambda: query(database, "SELECT fw_version, capabilities FROM nodes") == [("1.1.0", [])],
