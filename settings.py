@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -174,22 +175,27 @@ def from_dict(raw: dict[str, Any], environ: dict[str, str] | None = None,
                           f"is above database.pool_max ({settings.database.pool_max})")
     if settings.mqtt.tls is False and settings.mqtt.ca_file:
         raise ConfigError(f"{source}: mqtt.ca_file is set but mqtt.tls is false")
-    if settings.mqtt.ca_file and (problem := _unreadable(settings.mqtt.ca_file)):
+    if settings.mqtt.ca_file and (problem := _not_a_ca(settings.mqtt.ca_file)):
         raise ConfigError(f"{source}: `mqtt.ca_file` {settings.mqtt.ca_file}: {problem}")
     return settings
 
 
-def _unreadable(path: str) -> str | None:
-    """Why a file cannot be read, or None: opened for real, as paho will open it."""
+def _not_a_ca(path: str) -> str | None:
+    """Why a file is no CA certificate, or None: loaded for real, as paho's tls_set will load it."""
     try:
         with open(path, "rb"):
-            return None
+            pass
     except FileNotFoundError:
         return "not found"
     except IsADirectoryError:
         return "is a directory"
     except OSError as exc:
         return f"cannot be read: {exc.strerror}"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        return f"not a PEM CA certificate ({exc.reason or exc.library or exc})"
+    return None
 
 
 def _describe(error: dict[str, Any]) -> str:

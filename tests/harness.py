@@ -96,15 +96,58 @@ def _tail(lines: Iterable[Any], n: int = 50) -> str:
 
 # ---------------------------------------------------------------- mosquitto --
 
+@dataclass(frozen=True)
+class Certificates:
+    """A CA, a server certificate it signed (for 127.0.0.1 and localhost), and a
+    second CA that signed nothing here: trusting it is trusting the wrong one."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    other_ca: Path
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """Made with the openssl command line (Debian's `openssl`), EC keys: quick."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        done = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"openssl {' '.join(args)}: {done.stderr}"
+
+    for name in ("ca", "other-ca"):
+        openssl("req", "-x509", *key, "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.crt"),
+                "-days", "2", "-subj", f"/CN=hydrod test {name}",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    (d / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
+    openssl("req", *key, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+            "-subj", "/CN=localhost")
+    openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
+            "-CAcreateserial", "-days", "2", "-extfile", str(d / "server.ext"), "-out", str(d / "server.crt"))
+    return Certificates(d / "ca.crt", d / "server.crt", d / "server.key", d / "other-ca.crt")
+
+
 class Mosquitto:
     """A private broker on a free 127.0.0.1 port, with its own config and
-    persistence directory, so restart() keeps sessions and queued messages."""
+    persistence directory, so restart() keeps sessions and queued messages.
+
+    `tls`: a second listener, on `tls_port`, serving that server certificate.
+    `passwords`: {user: password} in a password file; a client that names a user
+    must give its password (anonymous clients, the tests' own, still connect)."""
 
     def __init__(self, directory: Path, port: int | None = None, autosave_interval: int = 1,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", tls: Certificates | None = None,
+                 passwords: dict[str, str] | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.tls_port = free_port() if tls else None
         self.config = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -123,6 +166,17 @@ class Mosquitto:
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # else it drops to `mosquitto`, who can't write self.dir
+        if passwords:
+            password_file = self.dir / "passwords"
+            password_file.write_text("")
+            for user, password in passwords.items():
+                done = subprocess.run(["mosquitto_passwd", "-b", str(password_file), user, password],
+                                      capture_output=True, text=True, timeout=30)
+                assert done.returncode == 0, f"mosquitto_passwd: {done.stderr}"
+            lines.append(f"password_file {password_file}")
+        if tls:
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {tls.ca}", f"certfile {tls.server_cert}",
+                      f"keyfile {tls.server_key}"]
         self.config.write_text("\n".join(lines) + "\n" + extra_config)
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
@@ -134,7 +188,8 @@ class Mosquitto:
 
         def up_or_dead() -> bool:  # "running" is logged once its listeners are open
             started = b" running" in self.log.read_bytes()[offset:]
-            return (started and port_open(self.port)) or self.proc.poll() is not None
+            return ((started and port_open(self.port) and (self.tls_port is None or port_open(self.tls_port)))
+                    or self.proc.poll() is not None)
 
         try:
             wait_until(up_or_dead, timeout, f"mosquitto on port {self.port}")

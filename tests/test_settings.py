@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from harness import make_certificates
 from hydrod import settings
 from hydrod.errors import ConfigError
 
@@ -114,8 +115,7 @@ def test_a_ca_file_that_is_missing_or_not_a_file_is_a_config_error_naming_key_an
         with pytest.raises(ConfigError) as caught:
             settings.from_dict({"mqtt": {"tls": True, "ca_file": str(path)}})
         assert f"`mqtt.ca_file` {path}: {why}" in str(caught.value)
-    present = tmp_path / "ca.pem"
-    present.write_text("-----BEGIN CERTIFICATE-----\n")
+    present = make_certificates(tmp_path / "certs").ca
     assert settings.from_dict({"mqtt": {"tls": True, "ca_file": str(present)}}).mqtt.ca_file == str(present)
 
 
