@@ -167,6 +167,7 @@ class MqttIo(SupervisedActor):
         self.epoch = 0
         self.connected = False
         self.connecting = False  # a CONNECT is out, its answer not in: no second one starts
+        self.refused: str | None = None  # the broker's reason, when its CONNACK refused us
         self.intake = True
         self.closing = False
         self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
@@ -441,6 +442,7 @@ class MqttIo(SupervisedActor):
         if message.failed:
             # The broker refused us (credentials, client id): paho closes the link next.
             self.log.error("mqtt_connect_refused", reason=message.reason, host=self.settings.host)
+            self.refused = message.reason  # paho's disconnect then says "Protocol error"
             return
         self.connected = True
         outage = self.backoff.reset()
@@ -514,4 +516,5 @@ class MqttIo(SupervisedActor):
                 watcher.tell(LinkChanged(False))
             self._retry_connect(None)
         else:
-            self._retry_connect(f"refused: {reason}")
+            self._retry_connect(f"refused: {self.refused or reason}")
+        self.refused = None

@@ -76,6 +76,8 @@ def test_a_wrong_password_is_refused_and_retried_and_never_logged(make_daemon, b
                          logging={"level": "debug"})
     refused = daemon.wait_for("mqtt_connect_refused")
     assert refused["reason"] == "Not authorized", refused
+    # The warning that follows says so too, not what paho makes of the link's end ("Protocol error").
+    assert daemon.wait_for("mqtt_connect_failed", attempt=1)["error"] == "refused: Not authorized"
     retrying(daemon, "mqtt_connect_refused")
     assert len(daemon.events("mqtt_connect_refused")) >= 3
     assert daemon.terminate() == 0
