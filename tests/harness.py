@@ -139,11 +139,12 @@ class Mosquitto:
 
     `tls`: a second listener, on `tls_port`, serving that server certificate.
     `passwords`: {user: password} in a password file; a client that names a user
-    must give its password (anonymous clients, the tests' own, still connect)."""
+    must give its password (anonymous clients, the tests' own, still connect).
+    `acl_file`: that ACL, and then only clients with a login connect."""
 
     def __init__(self, directory: Path, port: int | None = None, autosave_interval: int = 1,
                  extra_config: str = "", tls: Certificates | None = None,
-                 passwords: dict[str, str] | None = None) -> None:
+                 passwords: dict[str, str] | None = None, acl_file: Path | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -154,7 +155,9 @@ class Mosquitto:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            # With an ACL, logins are required (as in production).
+            f"allow_anonymous {'false' if acl_file else 'true'}",
+            *([f"acl_file {acl_file}"] if acl_file else []),
             "persistence true",
             f"persistence_location {self.dir}/",
             # Saved on a clean stop anyway; the autosave keeps kill() honest.
@@ -502,11 +505,14 @@ Message = tuple[str, Any] | tuple[str, Any, bool]
 
 def publish(port: int, messages: Iterable[Message], qos: int = 1, host: str = "127.0.0.1",
             timeout: float = 10.0, client_id: str = "",
-            protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311) -> None:
+            protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
+            username: str | None = None, password: str | None = None) -> None:
     """Publish (topic, payload[, retain]) messages and wait for every PUBACK.
     A dict/list payload is sent as compact JSON, a str as UTF-8, None as empty."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=protocol)
+    if username is not None:
+        client.username_pw_set(username, password)
     client.max_queued_messages_set(0)
     client.max_inflight_messages_set(1000)
     _connect(client, port, host, timeout)
@@ -552,7 +558,8 @@ class Subscriber:
 
     def __init__(self, port: int, topic: str, qos: int = 1, host: str = "127.0.0.1",
                  client_id: str = "", clean_start: bool = True, session_expiry: int | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, username: str | None = None,
+                 password: str | None = None) -> None:
         self.port, self.host, self.topic, self.qos, self.timeout = port, host, topic, qos, timeout
         self.client_id = client_id or f"test-sub-{secrets.token_hex(4)}"
         self.clean_start = clean_start
@@ -562,6 +569,8 @@ class Subscriber:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
+        if username is not None:
+            self.client.username_pw_set(username, password)
 
     def _on_message(self, _client: Any, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
