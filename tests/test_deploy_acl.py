@@ -4,9 +4,11 @@ config and commands; hydrod's user has what it needs."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from harness import Mosquitto, Subscriber, publish, query, wait_until
@@ -123,3 +125,28 @@ def test_hydrod_with_its_login_stores_a_nodes_sample_and_never_sees_a_forged_one
         node_a.wait_for(lambda m: m.topic == "hydro/time/response")
         assert [m.topic for m in node_a.messages] == [f"hydro/gh-temp/zn-temp/{NODE_A}/config", "hydro/time/response"]
         assert node_a.messages[0].json()["node_id"] == uid_a
+
+
+def test_a_node_on_mqtt_5_is_told_its_forged_publish_is_not_authorized(acl_broker):
+    """MQTT 3.1.1 gives no sign (above); an MQTT 5 QoS 1 PUBACK carries the reason."""
+    acks: dict[int, str] = {}
+    done = threading.Event()
+
+    def on_publish(_client, _userdata, mid, reason_code, _properties):
+        acks[mid] = str(reason_code)
+        if len(acks) == 2:
+            done.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.username_pw_set(NODE_A, PASSWORDS[NODE_A])
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", acl_broker.port)
+    client.loop_start()
+    try:
+        forged = client.publish(f"hydro/gh-1/zn-1/{NODE_B}/ph/telemetry", b"{}", qos=1).mid
+        own = client.publish(f"hydro/gh-1/zn-1/{NODE_A}/ph/telemetry", b"{}", qos=1).mid
+        assert done.wait(10), acks
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert acks == {forged: "Not authorized", own: "No matching subscribers"}
