@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import signal
 import sys
 import urllib.error
@@ -43,7 +44,14 @@ def main(argv: list[str] | None = None, fault_hook=None) -> int:
         logs.configure(config.logging.level, config.logging.format)
         if args.command == "run":
             return run(config, args, fault_hook)
-        return COMMANDS[args.command](config, args)
+        code = COMMANDS[args.command](config, args)
+        sys.stdout.flush()  # inside the try: a reader that went away is met here
+        return code
+    except BrokenPipeError:
+        # The reader of our output went away (`hydrod nodes | head`): nothing went
+        # wrong. Point stdout at /dev/null so that the exit's own flush is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except HydrodError as exc:
         _fatal(str(exc), exc.exit_code, exc.__cause__)
         return exc.exit_code

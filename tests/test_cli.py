@@ -1,6 +1,7 @@
 """The command line (SPEC §5): migrate, nodes, and fatal errors as one clear line."""
 
 import json
+import os
 import secrets
 import socket
 import subprocess
@@ -205,3 +206,18 @@ def test_run_without_config_reads_hydrod_config_else_the_config_toml_where_it_ru
     there.start().wait_ready()
     assert there.http("GET", "/healthz")[0] == 200
     assert there.terminate() == 0
+
+
+def test_output_read_by_a_reader_that_goes_away_ends_quietly_with_exit_0(tmp_path):
+    # `hydrod check-config | head -1`: head exits after its line. Here the reader is
+    # gone before hydrod writes at all, so every write meets a closed pipe.
+    config = write_config(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "hydrod", "check-config", "--config", str(config)],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
