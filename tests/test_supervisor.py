@@ -130,6 +130,27 @@ def test_a_message_that_keeps_crashing_its_actor_is_dead_lettered(in_process, br
     wait_until(lambda: len(query(database, "SELECT 1 FROM nodes")) == 4, what="a later node")
 
 
+def say_hello_until_it_exits(broker, script_and_args, timeout, what):
+    """Run `python -c SCRIPT ARGS...`, giving its registry new hellos to work on
+    until it exits (the first ones may come before it subscribes, and are then
+    not for it). Returns (returncode, stdout, stderr, the JSON log records)."""
+    daemon = subprocess.Popen([sys.executable, "-c", *script_and_args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sent = iter(range(10_000))
+
+        def another_hello_or_exited():
+            publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id=f"esp32-{next(sent):012x}"))])
+            return daemon.poll() is not None
+
+        wait_until(another_hello_or_exited, timeout=timeout, what=what)
+        out, err = daemon.communicate(timeout=30)
+    finally:
+        daemon.kill()
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return daemon.returncode, out, err, records
+
+
 FAULTY = textwrap.dedent("""
     import sys
     from hydrod import cli
@@ -146,23 +167,9 @@ def test_an_exhausted_restart_budget_stops_everything_with_a_non_zero_exit(broke
     config = merge_sections(fast_config(broker.port, database, free_port()),
                             {"supervisor": {"max_restarts": 2, "max_message_failures": 100}})
     (tmp_path / "config.toml").write_text(to_toml(config))
-    daemon = subprocess.Popen([sys.executable, "-c", FAULTY, str(tmp_path / "config.toml")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        # Give the registry something to fail on until hydrod gives up (the first
-        # hellos may come before it subscribes, and are then not for it).
-        sent = iter(range(10_000))
-
-        def another_hello_or_exited():
-            publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id=f"esp32-{next(sent):012x}"))])
-            return daemon.poll() is not None
-
-        wait_until(another_hello_or_exited, timeout=30, what="hydrod giving up")
-        out, err = daemon.communicate(timeout=30)
-    finally:
-        daemon.kill()
-    assert daemon.returncode == 5
-    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    returncode, out, err, records = say_hello_until_it_exits(
+        broker, [FAULTY, str(tmp_path / "config.toml")], timeout=30, what="hydrod giving up")
+    assert returncode == 5
     events = [r["event"] for r in records]
     assert "supervisor_gave_up" in events
     assert events.count("actor_restarted") == 2
@@ -396,21 +403,10 @@ SUPERVISOR_BREAKS = textwrap.dedent("""
 def test_a_supervisor_that_fails_itself_is_logged_and_ends_hydrod_with_exit_5(broker, database, tmp_path, failure):
     # "exit": a BaseException, on which pykka stops every actor without asking anyone.
     (tmp_path / "config.toml").write_text(to_toml(fast_config(broker.port, database, free_port())))
-    daemon = subprocess.Popen([sys.executable, "-c", SUPERVISOR_BREAKS, str(tmp_path / "config.toml"), failure],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        sent = iter(range(10_000))
-
-        def another_hello_or_exited():
-            publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id=f"esp32-{next(sent):012x}"))])
-            return daemon.poll() is not None
-
-        wait_until(another_hello_or_exited, timeout=20, what="hydrod exiting after its supervisor failed")
-        out, err = daemon.communicate(timeout=30)
-    finally:
-        daemon.kill()
-    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert daemon.returncode == 5, out[-3000:] + err
+    returncode, out, err, records = say_hello_until_it_exits(
+        broker, [SUPERVISOR_BREAKS, str(tmp_path / "config.toml"), failure], timeout=20,
+        what="hydrod exiting after its supervisor failed")
+    assert returncode == 5, out[-3000:] + err
     [failed] = [r for r in records if r["event"] == "supervisor_failed"]
     assert failed["level"] == "critical"
     assert ("supervisor broken" if failure == "error" else "the supervisor actor stopped") in failed["error"]
