@@ -99,6 +99,13 @@ def history_writer(connect):
     return conn
 
 
+def register_ph_node(cur, seen_at: float) -> None:
+    """The fixtures' pH node, esp32-a1b2c3d4e5f6, says hello at `seen_at`."""
+    store.register_node(cur, hardware_id="esp32-a1b2c3d4e5f6", node_type="ph", fw_version="1",
+                        capabilities=[], hardware_revision=None, name=None, wanted_uid=None,
+                        base="nd-ph-a1b2c3d4e5f6", seen_at=seen_at)
+
+
 def status_of(conn, uid="nd-ph-a1b2c3d4e5f6"):
     with conn.cursor() as cur:
         cur.execute("SELECT status FROM nodes WHERE uid = %s", (uid,))
@@ -134,9 +141,7 @@ def test_the_newer_liveness_message_wins_whichever_instance_commits_last(connect
 def test_a_status_is_ordered_by_its_receipt_not_by_the_whole_seconds_of_its_own_ts(connect):
     conn = history_writer(connect)
     with conn.transaction(), conn.cursor() as cur:
-        store.register_node(cur, hardware_id="esp32-a1b2c3d4e5f6", node_type="ph", fw_version="1",
-                            capabilities=[], hardware_revision=None, name=None, wanted_uid=None,
-                            base="nd-ph-a1b2c3d4e5f6", seen_at=NOW + 0.5)
+        register_ph_node(cur, seen_at=NOW + 0.5)
         # Sent just after the hello, stamped with the node's whole second: it is the newer one.
         store.write_history(cur, [liveness_row(1, "status", False, NOW + 0.7, ts=NOW)])
     assert status_of(conn) == "offline"
@@ -148,9 +153,7 @@ def test_a_hello_or_a_report_older_than_the_status_does_not_bring_a_node_back(co
         register(cur)  # seen at NOW
         store.write_history(cur, [liveness_row(1, "lwt", False, NOW + 100)])
         # Received before the last will by another instance, committed after it.
-        store.register_node(cur, hardware_id="esp32-a1b2c3d4e5f6", node_type="ph", fw_version="1",
-                            capabilities=[], hardware_revision=None, name=None, wanted_uid=None,
-                            base="nd-ph-a1b2c3d4e5f6", seen_at=NOW + 90)
+        register_ph_node(cur, seen_at=NOW + 90)
         store.store_config_report(cur, node_key="esp32-a1b2c3d4e5f6", gh="gh-temp", zone="zn-temp", temp=True,
                                   topic="hydro/gh-temp/zn-temp/esp32-a1b2c3d4e5f6/config_report",
                                   config=REPORT, received_at=NOW + 95)
@@ -166,9 +169,7 @@ def test_a_node_swept_offline_for_silence_comes_back_only_with_a_message_after_i
     conn = history_writer(connect)
     last_seen = time.time() - 200
     with conn.transaction(), conn.cursor() as cur:
-        store.register_node(cur, hardware_id="esp32-a1b2c3d4e5f6", node_type="ph", fw_version="1",
-                            capabilities=[], hardware_revision=None, name=None, wanted_uid=None,
-                            base="nd-ph-a1b2c3d4e5f6", seen_at=last_seen)
+        register_ph_node(cur, seen_at=last_seen)
         assert store.mark_silent_offline(cur, 120.0) == ["nd-ph-a1b2c3d4e5f6"]
     assert status_of(conn) == "offline"
     with conn.transaction(), conn.cursor() as cur:
@@ -185,9 +186,7 @@ def test_going_offline_for_silence_is_kept_in_the_history_like_an_offline_status
     conn = history_writer(connect)
     last_seen = time.time() - 200
     with conn.transaction(), conn.cursor() as cur:
-        store.register_node(cur, hardware_id="esp32-a1b2c3d4e5f6", node_type="ph", fw_version="1",
-                            capabilities=[], hardware_revision=None, name=None, wanted_uid=None,
-                            base="nd-ph-a1b2c3d4e5f6", seen_at=last_seen)
+        register_ph_node(cur, seen_at=last_seen)
         store.mark_silent_offline(cur, 120.0)
         store.mark_silent_offline(cur, 120.0)  # already offline: no second event
         cur.execute("SELECT n.uid, e.node_key, e.kind, e.payload, extract(epoch FROM e.ts)"

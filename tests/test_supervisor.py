@@ -49,14 +49,14 @@ class LogLines(io.TextIOBase):
 
 @pytest.fixture
 def in_process(broker, database):
-    """run(fault_hook, **sections) -> (Daemon, LogLines): hydrod inside the test process."""
+    """run(fault_hook, notifier, **sections) -> (Daemon, LogLines): hydrod inside the test process."""
     started = []
 
-    def run(fault_hook=None, **sections):
+    def run(fault_hook=None, notifier=None, **sections):
         lines = LogLines()
         logs.configure("info", "json", stream=lines)
         config = merge_sections(fast_config(broker.port, database, free_port()), sections)
-        daemon = Daemon(settings.from_dict(config, environ={}), fault_hook=fault_hook)
+        daemon = Daemon(settings.from_dict(config, environ={}), fault_hook=fault_hook, notifier=notifier)
         started.append(daemon)
         daemon.start()
         lines.wait_for("mqtt_subscribed")

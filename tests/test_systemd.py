@@ -12,12 +12,11 @@ import time
 
 import pytest
 
-from harness import fast_config, free_port, merge_sections, publish, query, wait_until
-from hydrod import logs, settings
+from harness import publish, query, wait_until
+from hydrod import logs
 from hydrod.actors.base import Deliver
-from hydrod.supervisor import Daemon
 from hydrod.systemd import Notifier
-from test_supervisor import HELLO, LogLines, _get, samples
+from test_supervisor import HELLO, LogLines, _get, in_process, samples  # noqa: F401 (in_process: a fixture)
 
 
 class NotifySocket:
@@ -80,24 +79,14 @@ def test_ready_comes_once_subscribed_watchdog_pings_follow_and_sigterm_says_stop
 
 
 @pytest.fixture
-def in_process_notified(broker, database, notify_socket):
+def in_process_notified(in_process, notify_socket):
     """hydrod in the test process, its Notifier told of notify_socket with WATCHDOG_USEC."""
-    started = []
 
     def run(fault_hook, watchdog_usec, **sections):
-        lines = LogLines()
-        logs.configure("info", "json", stream=lines)
-        config = merge_sections(fast_config(broker.port, database, free_port()), sections)
         notifier = Notifier({"NOTIFY_SOCKET": notify_socket.name, "WATCHDOG_USEC": str(watchdog_usec)})
-        daemon = Daemon(settings.from_dict(config, environ={}), fault_hook=fault_hook, notifier=notifier)
-        started.append(daemon)
-        daemon.start()
-        lines.wait_for("mqtt_subscribed")
-        return daemon, lines
+        return in_process(fault_hook, notifier=notifier, **sections)
 
-    yield run
-    for daemon in started:
-        daemon.shutdown()
+    return run
 
 
 def test_watchdog_pings_stop_while_an_actor_is_stuck_and_healthz_agrees(
