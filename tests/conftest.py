@@ -10,20 +10,14 @@ from typing import Any
 
 import pytest
 
-from harness import Daemon, Mosquitto, PgServer, TcpProxy
+from harness import Daemon, Mosquitto, PgServer, TcpProxy, running_broker
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """A started private broker: .port, .stop(), .kill(), .restart()."""
-    server = Mosquitto(tmp_path / "mosquitto").start()
-    try:
+    with running_broker(tmp_path / "mosquitto") as server:
         yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,20 @@ class Mosquitto:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+
+@contextmanager
+def running_broker(folder: Path, **options: Any) -> Iterator[Mosquitto]:
+    """A private Mosquitto (options as harness.Mosquitto takes them), always stopped after."""
+    server = Mosquitto(folder, **options).start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            server.kill()
 
 
 # --------------------------------------------------------------- postgresql --

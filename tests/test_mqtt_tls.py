@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness import Mosquitto, make_certificates, publish, register_node, wait_until
+from harness import make_certificates, publish, register_node, running_broker, wait_until
 from test_faults import PH_HW, all_stored, samples
 
 USER, PASSWORD = "hydrod", "pw-Zq7:not in any log"
@@ -21,14 +21,8 @@ def certificates(tmp_path):
 @pytest.fixture
 def broker(tmp_path, certificates):
     """conftest's broker, plus a TLS listener (broker.tls_port) and a password for USER."""
-    server = Mosquitto(tmp_path / "mosquitto", tls=certificates, passwords={USER: PASSWORD}).start()
-    try:
+    with running_broker(tmp_path / "mosquitto", tls=certificates, passwords={USER: PASSWORD}) as server:
         yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            server.kill()
 
 
 def tls(broker, ca_file) -> dict:
