@@ -58,9 +58,9 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_help_and_migrate(tmp_path, dat
 
 def test_the_development_install_exposes_the_package_and_not_the_checkout(tmp_path):
     probe = ("import importlib.util as u\n"
-             "for name in ('hydrod', 'hydrod.actors', 'hydrod.tests', 'hydrod.bench', 'hydrod.scripts'):\n"
+             "for name in ('hydrod', 'hydrod.actors', 'hydrod.core', 'hydrod.tests', 'hydrod.bench', 'hydrod.scripts'):\n"
              "    print(name, u.find_spec(name) is not None)\n")
     found = run(sys.executable, "-c", probe, cwd=tmp_path)
     assert found.returncode == 0, found.stderr
-    assert found.stdout.split("\n")[:5] == ["hydrod True", "hydrod.actors True", "hydrod.tests False",
+    assert found.stdout.split("\n")[:6] == ["hydrod True", "hydrod.actors True", "hydrod.core True", "hydrod.tests False",
                                             "hydrod.bench False", "hydrod.scripts False"]
