@@ -230,7 +230,7 @@ class Daemon:
                 ctx, dsn=dsn, mqtt=addr["mqtt_io"], metrics=self.metrics,
                 ack_timeout_s=s.nodes.config_ack_timeout_s),
             "http_api": lambda ctx: HttpApi.start(
-                ctx, settings=s.http, metrics=self.metrics, ask_timeout=s.supervisor.ask_timeout_s,
+                ctx, settings=s.http, dsn=dsn, metrics=self.metrics, ask_timeout=s.supervisor.ask_timeout_s,
                 stall_after_s=s.supervisor.stall_after_s,
                 peers=Peers(registry=addr["node_registry"], config_publisher=addr["config_publisher"],
                             db_writer=addr["db_writer"], mqtt=addr["mqtt_io"],

@@ -1,8 +1,9 @@
 """HttpApi: the operators' HTTP API (SPEC §6).
 
 The actor owns the server (http_server.py: waitress, with bounded connections
-and workers). Its workers run the WSGI application below, which only asks the
-other actors, each ask with a timeout, and turns the answers into JSON.
+and workers) and the read pool (core/reads.py). Its workers run the WSGI
+application below, which reads nodes on that pool, asks the config publisher
+for pushes (with a timeout), and turns the answers into JSON.
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from .. import protocol
+from ..core.reads import POOL_SIZE, Reads
 from ..settings import HttpSettings
-from .base import ActorUnavailable, Address, Context, Health, SupervisedActor
+from .base import ActorUnavailable, Address, Context, Health, SupervisedActor, open_pool
 from .config_publisher import PushConfig, PushRefused
 from .http_server import MAX_BODY, HttpServer
-from .node_registry import ListNodes
 
 
 @dataclass(frozen=True)
 class Peers:
-    """The actors the API asks, by role."""
+    """The actors the API asks (or, for /healthz, reads the state of), by role."""
 
     registry: Address
     config_publisher: Address
@@ -46,8 +47,9 @@ class Peers:
 class Api:
     """The WSGI application: plain, testable without the actor."""
 
-    def __init__(self, peers: Peers, metrics, token: str, ask_timeout: float, stall_after_s: float):
+    def __init__(self, peers: Peers, reads: Reads, metrics, token: str, ask_timeout: float, stall_after_s: float):
         self.peers = peers
+        self.reads = reads
         self.metrics = metrics
         self.token = token
         self.ask_timeout = ask_timeout
@@ -101,15 +103,15 @@ class Api:
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
 
     def on_nodes(self, request: Request) -> Response:
-        return _json(self.peers.registry.ask(ListNodes(), self.ask_timeout))
+        return _json(self.reads.nodes())
 
     def on_node(self, request: Request, uid: str) -> Response:
         if not _UID.fullmatch(uid):
             raise NotFound(f"no node with uid {uid!r}")
-        found = self.peers.registry.ask(ListNodes(uid), self.ask_timeout)
-        if not found:
+        found = self.reads.node(uid)
+        if found is None:
             raise NotFound(f"no node with uid {uid}")
-        return _json(found[0])
+        return _json(found)
 
     def on_push(self, request: Request, uid: str) -> Response:
         if not _UID.fullmatch(uid):
@@ -250,16 +252,21 @@ class _ServerStopped:
 
 
 class HttpApi(SupervisedActor):
-    def __init__(self, context: Context, *, settings: HttpSettings, peers: Peers, metrics, ask_timeout: float,
-                 stall_after_s: float):
+    def __init__(self, context: Context, *, settings: HttpSettings, dsn: str, peers: Peers, metrics,
+                 ask_timeout: float, stall_after_s: float):
         super().__init__(context)
         self.settings = settings
         self.metrics = metrics
-        self.app = Api(peers, metrics, settings.token.get_secret_value(), ask_timeout, stall_after_s)
+        self._dsn = dsn
+        self._api = dict(peers=peers, metrics=metrics, token=settings.token.get_secret_value(),
+                         ask_timeout=ask_timeout, stall_after_s=stall_after_s)
+        self.reads: Reads | None = None
         self.server: HttpServer | None = None
         self._shed_logged = -math.inf
 
     def on_start(self) -> None:
+        self.reads = Reads(open_pool("reads", self._dsn, POOL_SIZE), timeout=self._api["ask_timeout"])
+        self.app = Api(reads=self.reads, **self._api)
         # Binding fails here, loudly, if the port is taken.
         self.server = HttpServer(self.ctx.name, self.app, host=self.settings.host, port=self.settings.port,
                                  connection_limit=self.settings.connection_limit, threads=self.settings.threads,
@@ -286,6 +293,9 @@ class HttpApi(SupervisedActor):
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.reads is not None:
+            self.reads.close()
+            self.reads = None
 
     def handle(self, message: Any) -> Any:
         match message:

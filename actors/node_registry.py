@@ -8,7 +8,6 @@ applied when its node_hello arrives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -20,13 +19,6 @@ from .config_publisher import ResendConfig
 from .consumer import BatchConsumer, Refusal
 
 
-@dataclass(frozen=True)
-class ListNodes:
-    """Ask: every node (uid None) or one; returns a list of dicts."""
-
-    uid: str | None = None
-
-
 class NodeRegistry(BatchConsumer):
     def __init__(self, context, *, config_publisher: Address, resend_interval_s: float, **kwargs):
         super().__init__(context, **kwargs)
@@ -35,14 +27,6 @@ class NodeRegistry(BatchConsumer):
         self._announcements: list[tuple[str, dict[str, Any]]] = []
         self._resends: list[ResendConfig] = []  # told to the config publisher once committed
         self._created: set[str] = set()  # keys (hardware id, uid) of the nodes this batch created
-
-    def handle_other(self, message: Any) -> Any:
-        match message:
-            case ListNodes(uid):
-                with self.pool.connection(timeout=5) as conn:
-                    return store.list_nodes(conn, uid)
-            case _:
-                return super().handle_other(message)
 
     def write(self, cur: psycopg.Cursor, items: list[Routed]) -> list[Refusal]:
         self._announcements = []

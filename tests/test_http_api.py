@@ -6,6 +6,8 @@ import sys
 import textwrap
 import time
 
+import psycopg
+
 from harness import metric_value, open_fds, publish, query, register_node, thread_count, wait_until
 
 HELLO = {"message_type": "node_hello", "hardware_id": "esp32-a1b2c3d4e5f6", "node_type": "ph",
@@ -297,3 +299,24 @@ def test_healthz_names_an_actor_that_died_and_waits_for_its_restart(make_daemon,
     assert status == 503, body
     assert "node_registry" in body["failing"], body
     assert daemon.terminate() == 0
+
+
+def test_nodes_are_listed_while_the_registry_is_stuck_on_a_locked_row(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    with psycopg.connect(database) as holder:
+        # Another writer holds the node's row: the registry's next hello waits for it.
+        holder.execute("SELECT 1 FROM nodes WHERE uid = %s FOR UPDATE", (UID,))
+        publish(broker.port, [("hydro/node_hello", {**HELLO, "fw_version": "1.0.1"})])
+        wait_until(lambda: query(database, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] > 0,
+                   what="the registry waiting for the row")
+        status, nodes = daemon.http("GET", "/api/nodes")
+        assert status == 200 and [(n["uid"], n["fw_version"]) for n in nodes] == [(UID, "1.0.0")]
+        status, node = daemon.http("GET", f"/api/nodes/{UID}")
+        assert status == 200 and node["uid"] == UID
+        assert query(database, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] > 0, \
+            "the registry stopped waiting: the listing did not run while it was stuck"
+    # Released, the registry goes on with the hello it held.
+    wait_until(lambda: daemon.http("GET", f"/api/nodes/{UID}")[1]["fw_version"] == "1.0.1", what="the new hello")

@@ -1,0 +1,35 @@
+"""Reads: what the HTTP API reads from PostgreSQL, on a pool of its own.
+
+Never through an actor on the ingest path: a listing waits for no batch, and no
+batch waits for a listing. Reads are plain SELECTs, so a writer's row locks do
+not hold them up either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+from .. import store
+
+POOL_SIZE = (1, 2)  # (min, max): a few operators' requests at a time
+
+
+class Reads:
+    def __init__(self, pool: ConnectionPool, timeout: float = 5.0):
+        self.pool = pool
+        self.timeout = timeout  # for a connection; psycopg_pool.PoolTimeout past it
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node, by uid."""
+        with self.pool.connection(timeout=self.timeout) as conn:
+            return store.list_nodes(conn)
+
+    def node(self, uid: str) -> dict[str, Any] | None:
+        with self.pool.connection(timeout=self.timeout) as conn:
+            found = store.list_nodes(conn, uid)
+        return found[0] if found else None
+
+    def close(self) -> None:
+        self.pool.close(timeout=2)
