@@ -17,7 +17,6 @@ from typing import Any
 
 import pykka
 import structlog
-from psycopg_pool import ConnectionPool
 from pykka._envelope import Envelope  # the leftovers are envelopes already
 
 from ..protocol import Routed
@@ -317,13 +316,3 @@ class Backoff:
         self.attempts = 0
         self.since = None
         return lasted
-
-
-def open_pool(name: str, dsn: str, size: tuple[int, int], configure=None) -> ConnectionPool:
-    """An actor's own connection pool, named after it, opened in the background:
-    start-up does not wait for PostgreSQL, and a lost connection is reconnected
-    for as long as it takes (the actor reports the outage)."""
-    pool = ConnectionPool(dsn, min_size=size[0], max_size=size[1], name=name, open=False,
-                          configure=configure, reconnect_timeout=24 * 3600, kwargs={"connect_timeout": 5})
-    pool.open(wait=False)
-    return pool

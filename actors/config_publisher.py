@@ -1,39 +1,27 @@
-"""ConfigPublisher: builds, records and publishes NodeConfigs; watches for their ack.
+"""ConfigPublisher: the shell of core/configs.py (building, recording and publishing
+NodeConfigs; ack timeouts; queued configs sent when the link comes up).
 
-A push is recorded as `queued` before it is published, so it survives a
-broker outage and a daemon restart: queued configs are published whenever the
-link comes up, and become `published` on the broker's PUBACK. The time a config
-is handed to the link is committed first (`sent_at`): the node's next
-config_report (handled by the registry) marks a sent config `applied`, never a
-queued one it cannot have; a published config not applied within
-`config_ack_timeout_s` becomes `timeout`. A (re)started publisher asks MqttIo
-for the link's state, so it never answers `queued` while the link is up.
+It owns the actor's pool (core/database.py), the expiry timer, and the hand-over
+to MqttIo. A (re)started publisher asks MqttIo for the link's state, so it
+never answers `queued` while the link is up.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Any
 
-import msgspec
-import psycopg
-from psycopg_pool import ConnectionPool
-
-from .. import protocol, store
-from .base import Address, Context, Flush, Health, LinkChanged, SupervisedActor, Ticker, open_pool
+from ..core.configs import Acked, Configs, PushResult
+from ..core.database import Database
+from ..core.registry import ResendConfig
+from .base import Address, Context, Flush, Health, LinkChanged, SupervisedActor, Ticker
 from .mqtt_io import Publish, WatchLink
-
-# --- messages ------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class PushConfig:
-    """Ask (HTTP API): push `body` to node `uid`; returns PushResult or raises PushRefused.
-
-    `deadline` (time.monotonic()): the asker gives up then, so the push must not
-    happen after it: a caller told "busy" must be able to retry without pushing twice."""
+    """Ask (HTTP API): push `body` to node `uid`; answered with PushResult, or raises
+    PushRefused. Past `deadline` (time.monotonic()) the push is not made."""
 
     uid: str
     body: Any
@@ -41,116 +29,16 @@ class PushConfig:
 
 
 @dataclass(frozen=True)
-class PushResult:
-    node_uid: str
-    version: int
-    topic: str
-    status: str  # "published": handed to the broker link; "queued": sent when it comes back
-
-
-class PushRefused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True)
-class ResendConfig:
-    """From the registry: bound node `uid` is back in the temp namespace; send it its
-    last applied config again, as published (the database has allowed it already)."""
-
-    uid: str
-    version: int
-    topic: str
-    payload: bytes = field(repr=False)  # holds the node's secret
-
-
-@dataclass(frozen=True)
-class _Acked:
-    """From MqttIo: the broker took config row `config_id`."""
-
-    config_id: int
-    uid: str
-    version: int
-    topic: str
-
-
-@dataclass(frozen=True)
 class _Expire:
     """Ticker: time out configs the node never acknowledged."""
 
 
-# --- the body -----------------------------------------------------------------------
-
-
-class NodeConfigBody(msgspec.Struct):
-    """The fields hydrod checks in a pushed NodeConfig; all others are passed on untouched."""
-
-    channels: list[Any]
-    node_id: str | None = None
-    version: Annotated[int, msgspec.Meta(ge=1, le=2**53)] | None = None  # JSON-safe integers
-    type: str | None = None
-    mqtt: dict[str, Any] | None = None
-    gh_uid: str | None = None
-    zone_uid: str | None = None
-    node_secret: str | None = None
-    wifi: dict[str, Any] | None = None
-
-
-_SEGMENT = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch
-_FILLED = frozenset({"node_id", "type", "mqtt", "node_secret", "version", "gh_uid", "zone_uid"})
-_SECRET = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def build_config(node: dict[str, Any], body: Any) -> tuple[dict[str, Any], str]:
-    """The NodeConfig to publish and its topic, or PushRefused naming the field."""
-    if not isinstance(body, dict):
-        raise PushRefused(400, "body must be a JSON object (a NodeConfig)")
-    try:
-        checked = msgspec.convert(body, NodeConfigBody)
-    except msgspec.ValidationError as exc:
-        raise PushRefused(400, f"invalid NodeConfig: {exc}") from None
-    if checked.node_id is not None and checked.node_id != node["uid"]:
-        raise PushRefused(400, f"invalid NodeConfig: `node_id` must be the node's uid `{node['uid']}`"
-                               " - at `$.node_id`")
-    if checked.node_secret is not None and not _SECRET.fullmatch(checked.node_secret):
-        raise PushRefused(400, "invalid NodeConfig: `node_secret` must be 64 hex characters - at `$.node_secret`")
-    for field in ("gh_uid", "zone_uid"):
-        value = getattr(checked, field)
-        if value is not None and (not _SEGMENT.fullmatch(value) or value in (protocol.TEMP_GH, protocol.TEMP_ZONE)):
-            raise PushRefused(400, f"invalid NodeConfig: `{field}` is not a usable topic segment - at `$.{field}`")
-    if (checked.gh_uid is None) != (checked.zone_uid is None):
-        raise PushRefused(400, "invalid NodeConfig: `gh_uid` and `zone_uid` go together")
-
-    if node["lifecycle_state"] == "DECOMMISSIONED":
-        raise PushRefused(409, f"node {node['uid']} is decommissioned")
-    if checked.version is not None and checked.version <= node["last_version"]:
-        raise PushRefused(409, f"`version` {checked.version} is not above the last pushed, "
-                               f"{node['last_version']} - at `$.version`")
-    # A field given as null is filled in like a missing one: the firmware refuses nulls.
-    config = {key: value for key, value in body.items() if value is not None or key not in _FILLED}
-    if node["gh_uid"] is None:
-        if checked.gh_uid is None:
-            raise PushRefused(409, f"node {node['uid']} is not bound to a zone: the config must name "
-                                   "`gh_uid` and `zone_uid`")
-        topic = f"hydro/{protocol.TEMP_GH}/{protocol.TEMP_ZONE}/{node['hardware_id']}/config"
-    else:
-        if checked.gh_uid is not None and (checked.gh_uid, checked.zone_uid) != (node["gh_uid"], node["zone_uid"]):
-            raise PushRefused(409, f"node {node['uid']} is bound to {node['gh_uid']}/{node['zone_uid']}, "
-                                   f"not {checked.gh_uid}/{checked.zone_uid}")
-        config.setdefault("gh_uid", node["gh_uid"])
-        config.setdefault("zone_uid", node["zone_uid"])
-        topic = f"hydro/{node['gh_uid']}/{node['zone_uid']}/{node['uid']}/config"
-    config.setdefault("node_id", node["uid"])
-    config.setdefault("type", node["type"])
-    config.setdefault("mqtt", {"configured": True})
-    config.setdefault("node_secret", node["node_secret"])
-    config.setdefault("version", node["last_version"] + 1)
-    return config, topic
-
-
-# --- the actor --------------------------------------------------------------------------
+def push_config(publisher: Address, uid: str, body: Any, timeout: float) -> PushResult:
+    """Ask the config publisher to push `body` to node `uid`, within `timeout` seconds."""
+    result = publisher.ask(PushConfig(uid, body, deadline=time.monotonic() + timeout - 0.2), timeout)
+    if not isinstance(result, PushResult):
+        raise TypeError(f"{publisher.name} answered a push with {type(result).__name__}")
+    return result
 
 
 class ConfigPublisher(SupervisedActor):
@@ -160,150 +48,45 @@ class ConfigPublisher(SupervisedActor):
         self.mqtt = mqtt
         self.metrics = metrics
         self.ack_timeout_s = ack_timeout_s
-        self.link_up = False
-        self._in_flight: set[int] = set()  # sent on this link, PUBACK not seen yet
-        self._db_ok = True
-        self.pool: ConnectionPool | None = None
+        self.db: Database | None = None
+        self.configs: Configs | None = None
         self._ticker: Ticker | None = None
 
     def on_start(self) -> None:
-        self.pool = open_pool(self.ctx.name, self._dsn, (1, 1))
+        self.db = Database(self.ctx.name, self._dsn, (1, 1), metrics=self.metrics, log=self.log)
+        self.configs = Configs(self.db, publish=self._publish, metrics=self.metrics, log=self.log,
+                               ack_timeout_s=self.ack_timeout_s)
         interval = min(max(self.ack_timeout_s / 4, 0.05), 5.0)
         self._ticker = Ticker(self.ctx.name, self.ctx.address, _Expire(), interval).start()
         self.mqtt.tell(WatchLink(self.ctx.address))  # answered with LinkChanged
 
-    def release(self) -> None:
-        if self._ticker is not None:
-            self._ticker.stop()
-        if self.pool is not None:
-            self.pool.close(timeout=2)
-            self.pool = None
+    def _publish(self, topic: str, payload: bytes, acked: Acked | None) -> None:
+        self.mqtt.tell(Publish(topic, payload, on_acked=None if acked is None else (self.ctx.address, acked)))
 
     def handle(self, message: Any) -> Any:
         match message:
             case PushConfig(uid, body, deadline):
-                return self._push(uid, body, deadline)
+                return self.configs.push(uid, body, deadline)
             case LinkChanged(up):
-                self.link_up = up
-                self._in_flight.clear()
-                if up:
-                    self._publish_queued()
-            case _Acked():
-                self._mark_published(message)
+                self.configs.link_changed(up)
+            case Acked():
+                self.configs.acked(message)
             case ResendConfig():
-                self._resend(message)
+                self.configs.resend(message)
             case _Expire():
-                self._expire()
+                self.configs.expire()
             case Health():
-                return self._db_ok, "database reachable" if self._db_ok else "database unreachable"
+                return self.db.health()
             case Flush():
                 return 0
             case _:
                 raise TypeError(f"ConfigPublisher does not handle {type(message).__name__}")
         return None
 
-    def _push(self, uid: str, body: Any, deadline: float) -> PushResult:
-        too_late = PushRefused(503, "hydrod is busy: the push was not made; it is safe to retry")
-        left = deadline - time.monotonic()
-        if left <= 0.05:
-            raise too_late
-        with self.pool.connection(timeout=left) as conn, conn.transaction():
-            with conn.cursor() as cur:
-                # A node row locked by another writer must not hold the push past its deadline.
-                cur.execute(f"SET LOCAL lock_timeout = {max(int(left * 1000) - 50, 1)}")
-                try:
-                    node = store.node_for_push(cur, uid)
-                except psycopg.errors.LockNotAvailable:
-                    raise too_late from None
-                if node is None:
-                    raise PushRefused(404, f"no node with uid {uid}")
-                config, topic = build_config(node, body)
-                if config["node_secret"] != node["node_secret"]:
-                    # An operator's secret replaces the generated one, and is kept from now on.
-                    store.keep_node_secret(cur, node["id"], config["node_secret"])
-                try:
-                    payload = msgspec.json.encode(config)
-                except (msgspec.EncodeError, UnicodeEncodeError, OverflowError) as exc:
-                    raise PushRefused(400, f"invalid NodeConfig: cannot be encoded as JSON ({exc})") from None
-                config_id = store.record_config(cur, node_id=node["id"], version=int(config["version"]),
-                                                payload=payload, topic=topic)
-                sending = self.link_up
-                if sending:
-                    store.mark_sent(cur, [config_id])
-                if time.monotonic() > deadline:
-                    raise too_late  # rolls the transaction back
-        version = int(config["version"])
-        self.log.info("config_queued", node_uid=uid, version=version, topic=topic, link_up=sending)
-        if sending:
-            self._send(config_id, uid, version, topic, payload)
-        return PushResult(uid, version, topic, "published" if sending else "queued")
-
-    def _send(self, config_id: int, uid: str, version: int, topic: str, payload: bytes) -> None:
-        """Hand a config to the link; its sent_at is committed already."""
-        self._in_flight.add(config_id)
-        self.mqtt.tell(Publish(topic, payload, on_acked=(self.ctx.address, _Acked(config_id, uid, version, topic))))
-
-    def _to_send(self, cur: psycopg.Cursor) -> list[tuple[int, str, int, str, bytes]]:
-        """The queued configs not on their way yet, recorded as sent in `cur`'s transaction."""
-        queued = [q for q in store.queued_configs(cur) if q[0] not in self._in_flight]
-        if queued:
-            store.mark_sent(cur, [q[0] for q in queued])
-        return queued
-
-    def _publish_queued(self) -> None:
-        try:
-            with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
-                queued = self._to_send(cur)
-        except psycopg.OperationalError as exc:
-            self._database(exc, doing="publish queued configs")
-            return  # the next link-up or expiry round tries again
-        for config_id, uid, version, topic, payload in queued:
-            self._send(config_id, uid, version, topic, payload)
-
-    def _resend(self, resend: ResendConfig) -> None:
-        if not self.link_up:
-            # The node asks again on its next connect, once the interval is over.
-            self.log.warning("config_resend_skipped", node_uid=resend.uid, version=resend.version,
-                             reason="broker link down")
-            return
-        self.mqtt.tell(Publish(resend.topic, resend.payload))
-        self.metrics.configs_resent.inc()
-        self.log.info("config_resent", node_uid=resend.uid, version=resend.version, topic=resend.topic)
-
-    def _mark_published(self, acked: _Acked) -> None:
-        self._in_flight.discard(acked.config_id)
-        try:
-            with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
-                store.mark_published(cur, acked.config_id, acked.topic)
-        except psycopg.OperationalError as exc:
-            # Still `queued` in the database: it is published again later, which the node tolerates.
-            self._database(exc, doing="mark config published")
-            return
-        self.metrics.configs_published.inc()
-        self.log.info("config_published", node_uid=acked.uid, version=acked.version, topic=acked.topic)
-
-    def _expire(self) -> None:
-        try:
-            with self.pool.connection(timeout=5) as conn, conn.transaction(), conn.cursor() as cur:
-                expired = store.expire_configs(cur, self.ack_timeout_s)
-                queued = self._to_send(cur) if self.link_up else []
-        except psycopg.OperationalError as exc:
-            self._database(exc, doing="expire unacknowledged configs")
-            return  # the schedule goes on: the next round tries again
-        self._database(None)
-        for uid, version, topic in expired:
-            self.metrics.config_timeouts.inc()
-            self.log.warning("config_timeout", node_uid=uid, version=version, topic=topic,
-                             timeout_s=self.ack_timeout_s)
-        # A queued config whose publish was lost with a dropped link goes out again.
-        for config_id, uid, version, topic, payload in queued:
-            self._send(config_id, uid, version, topic, payload)
-
-    def _database(self, error: Exception | None, doing: str = "") -> None:
-        """Log a change of the database's state once, not on every attempt."""
-        if error is not None and self._db_ok:
-            self._db_ok = False
-            self.log.error("db_unavailable", error=str(error).strip() or type(error).__name__, doing=doing)
-        elif error is None and not self._db_ok:
-            self._db_ok = True
-            self.log.info("db_recovered")
+    def release(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
+        if self.db is not None:
+            self.db.close()
+            self.db = None

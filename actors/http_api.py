@@ -26,10 +26,12 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from .. import protocol
+from ..core.configs import PushRefused
+from ..core.database import open_pool
 from ..core.reads import POOL_SIZE, Reads
 from ..settings import HttpSettings
-from .base import ActorUnavailable, Address, Context, Health, SupervisedActor, open_pool
-from .config_publisher import PushConfig, PushRefused
+from .base import ActorUnavailable, Address, Context, Health, SupervisedActor
+from .config_publisher import push_config
 from .http_server import MAX_BODY, HttpServer
 
 
@@ -129,8 +131,7 @@ class Api:
         if protocol.holds_nul(body):
             return _json({"error": "body contains a NUL character (\\u0000), which a config cannot carry"}, 400)
         try:
-            result = self.peers.config_publisher.ask(
-                PushConfig(uid, body, deadline=time.monotonic() + self.ask_timeout - 0.2), self.ask_timeout)
+            result = push_config(self.peers.config_publisher, uid, body, self.ask_timeout)
         except PushRefused as exc:
             return _json({"error": exc.message}, exc.status)
         return _json({"node_uid": result.node_uid, "version": result.version, "topic": result.topic,

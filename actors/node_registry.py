@@ -1,106 +1,67 @@
-"""NodeRegistry: node_hello and config_report; the authority on which nodes exist.
-
-Registration is decided in PostgreSQL under row locks (store.register_node),
-so that several hydrod instances sharing the load agree on every uid. A
-config_report from a node not registered yet is held in the database and
-applied when its node_hello arrives.
-"""
+"""NodeRegistry: the shell of the registry (core/registry.py: node_hello and
+config_report), batched by core/batcher.py on the actor's own pool."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import psycopg
+from ..core.batcher import Batcher
+from ..core.database import Database
+from ..core.registry import Registry
+from .base import Address, Backoff, Context, Deliver, Flush, Health, SupervisedActor, Ticker, tell_later
+from .consumer import FlushDue, RetryDatabase, salvage
+from .mqtt_io import Settled
 
-from .. import protocol, store
-from ..protocol import CONFIG_REPORT, HELLO, NodeHello, Rejected, Routed
-from .base import Address
-from .config_publisher import ResendConfig
-from .consumer import BatchConsumer, Refusal
 
+class NodeRegistry(SupervisedActor):
+    def __init__(self, context: Context, *, dsn: str, pool_size: tuple[int, int], mqtt: Address, metrics,
+                 batch_size: int, flush_interval: float, retry: Backoff, config_publisher: Address,
+                 resend_interval_s: float):
+        super().__init__(context)
+        self._dsn, self._pool_size = dsn, pool_size
+        self.mqtt = mqtt
+        self.metrics = metrics
+        self.retry = retry
+        self.batch_size, self.flush_interval = batch_size, flush_interval
+        # Resends are told once their batch is committed.
+        self.registry = Registry(resend=config_publisher.tell, resend_interval_s=resend_interval_s,
+                                 metrics=metrics, log=self.log)
+        self.db: Database | None = None
+        self.batcher: Batcher | None = None
+        self._ticker: Ticker | None = None
 
-class NodeRegistry(BatchConsumer):
-    def __init__(self, context, *, config_publisher: Address, resend_interval_s: float, **kwargs):
-        super().__init__(context, **kwargs)
-        self.config_publisher = config_publisher
-        self.resend_interval_s = resend_interval_s
-        self._announcements: list[tuple[str, dict[str, Any]]] = []
-        self._resends: list[ResendConfig] = []  # told to the config publisher once committed
-        self._created: set[str] = set()  # keys (hardware id, uid) of the nodes this batch created
+    def on_start(self) -> None:
+        name, address = self.ctx.name, self.ctx.address
+        self.db = Database(name, self._dsn, self._pool_size, metrics=self.metrics, log=self.log)
+        self.batcher = Batcher(name, self.db, self.registry, settle=lambda seqs: self.mqtt.tell(Settled(seqs)),
+                               retry_later=lambda delay: tell_later(address, RetryDatabase(), delay),
+                               retry=self.retry, metrics=self.metrics, log=self.log, batch_size=self.batch_size,
+                               flush_interval=self.flush_interval)
+        self._ticker = Ticker(name, address, FlushDue(), max(self.flush_interval / 2, 0.005)).start()
 
-    def write(self, cur: psycopg.Cursor, items: list[Routed]) -> list[Refusal]:
-        self._announcements = []
-        self._resends = []
-        self._created = set()
-        refused = []
-        for item in items:
-            try:
-                if item.kind == HELLO:
-                    self._register(cur, item)
-                elif item.kind == CONFIG_REPORT:
-                    report = protocol.decode_object(item.payload)
-                    self._apply_report(cur, item.node, item.gh, item.zone, item.topic, report, item.received_at)
-                else:
-                    raise Rejected(protocol.UNKNOWN_TOPIC, f"the registry does not take `{item.kind}`")
-            except Rejected as exc:
-                refused.append(Refusal(item, exc.reason, exc.detail))
-        if self._created:
-            # Reports held for the nodes this batch created: found once for the batch,
-            # under the node keys' locks, so a report another instance is holding
-            # right now is either seen here or finds the node itself.
-            store.lock_node_keys(cur, self._created)
-            for held in store.take_held_reports(cur, self._created):
-                self._apply_report(cur, held["node_key"], held["gh"], held["zone"], held["topic"],
-                                   held["payload"], float(held["received_at"]))
-        return refused
+    def handle(self, message: Any) -> Any:
+        match message:
+            case Deliver(items, alone):
+                self.batcher.add(items, alone=alone, token=message)
+            case FlushDue():
+                self.batcher.due()
+            case RetryDatabase():
+                self.batcher.retry_now()
+            case Flush():
+                return self.batcher.drain()
+            case Health():
+                return self.db.health()
+            case _:
+                raise TypeError(f"NodeRegistry does not handle {type(message).__name__}")
+        return None
 
-    def committed(self) -> None:
-        for event, fields in self._announcements:
-            self.log.info(event, **fields)
-            if event == "node_registered":
-                self.metrics.nodes_registered.inc()
-            elif event == "config_applied":
-                self.metrics.configs_applied.inc()
-        self._announcements = []
-        for resend in self._resends:
-            self.config_publisher.tell(resend)
-        self._resends = []
+    def salvage(self) -> tuple[Any, tuple[Any, ...]]:
+        return salvage(self._current, self.batcher)
 
-    def _register(self, cur: psycopg.Cursor, item: Routed) -> None:
-        hello = protocol.decode(item.payload, NodeHello)
-        node_type = protocol.normalise_type(hello.node_type)
-        meta = hello.provisioning_meta
-        result = store.register_node(
-            cur, hardware_id=hello.hardware_id, node_type=node_type, fw_version=hello.fw_version,
-            capabilities=hello.capabilities, hardware_revision=hello.hardware_revision,
-            name=meta.node_name if meta else None, wanted_uid=protocol.provisioned_uid(hello),
-            base=protocol.base_uid(hello.hardware_id, node_type), seen_at=item.received_at,
-        )
-        if result.created:
-            self._created.update((hello.hardware_id, result.uid))
-            self._announcements.append(("node_registered", {
-                "node_uid": result.uid, "hardware_id": hello.hardware_id, "node_type": node_type,
-                "fw_version": hello.fw_version}))
-        else:
-            self._announcements.append(("node_updated", {
-                "node_uid": result.uid, "hardware_id": hello.hardware_id, "changed": list(result.changed)}))
-
-    def _apply_report(self, cur: psycopg.Cursor, node_key: str, gh: str, zone: str, topic: str,
-                      report: dict[str, Any], received_at: float) -> None:
-        outcome = store.store_config_report(cur, node_key=node_key, gh=gh, zone=zone,
-                                            temp=protocol.is_temp(gh, zone), topic=topic,
-                                            config=report, received_at=received_at,
-                                            resend_interval_s=self.resend_interval_s)
-        if outcome.uid is None:
-            self._announcements.append(("config_report_held", {"node_key": node_key, "topic": topic}))
-            return
-        for version in outcome.applied_versions:
-            self._announcements.append(("config_applied", {"node_uid": outcome.uid, "version": version}))
-        if outcome.resend is not None:
-            version, payload, hardware_id = outcome.resend
-            self._resends.append(ResendConfig(
-                outcome.uid, version, f"hydro/{protocol.TEMP_GH}/{protocol.TEMP_ZONE}/{hardware_id}/config", payload))
-        if outcome.bound_to is not None:
-            self._announcements.append(("node_bound", {"node_uid": outcome.uid, "gh_uid": outcome.bound_to[0],
-                                                      "zone_uid": outcome.bound_to[1]}))
-
+    def release(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
+        if self.db is not None:
+            self.db.close()
+            self.db = None

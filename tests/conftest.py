@@ -41,6 +41,17 @@ def database(pg_server: PgServer) -> Iterator[str]:
 
 
 @pytest.fixture
+def migrated(database: str) -> str:
+    """`database` with hydrod's schema: for the plain classes in core/, driven without a daemon."""
+    import psycopg
+
+    from hydrod import store
+    with psycopg.connect(database) as conn:
+        store.migrate(conn)
+    return database
+
+
+@pytest.fixture
 def make_proxy() -> Iterator[Callable[[int], TcpProxy]]:
     """make_proxy(target_port, target_host="127.0.0.1") -> TcpProxy, closed after the test."""
     proxies: list[TcpProxy] = []

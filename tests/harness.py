@@ -1027,3 +1027,55 @@ class BackgroundPublish:
             raise AssertionError(f"publisher still running after {timeout}s")
         if self.error is not None:
             raise self.error
+
+
+# ------------------------------------------------------- plain classes (core/) --
+
+class RecordingLog:
+    """A stand-in for an actor's structlog logger, for the plain classes in core/:
+    keeps each line as a dict with its `event` and `level`."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def _line(self, level: str, event: str, **fields: Any) -> None:
+        self.records.append({"event": event, "level": level, **fields})
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._line("debug", event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._line("info", event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._line("warning", event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._line("error", event, **fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._line("error", event, exception=True, **fields)
+
+    def events(self, name: str, **fields: Any) -> list[dict[str, Any]]:
+        return [r for r in self.records if _matches(r, name, fields)]
+
+
+class Later:
+    """A stand-in for a timer: keeps the delays asked for; the test fires them itself."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+def routed(seq: int, kind: str, payload: Any, node: str = "nd-ph-a1b2c3d4e5f6", gh: str = "gh-1",
+           zone: str = "zn-1", channel: str | None = "ph_sensor", received_at: float | None = None,
+           mid: int = 0, dup: bool = False):
+    """A received message as MqttIo hands it to a consumer (protocol.Routed)."""
+    from hydrod import protocol
+    suffix = {"telemetry": f"{channel}/telemetry"}.get(kind, kind)
+    return protocol.Routed(seq, kind, gh, zone, node, channel, f"hydro/{gh}/{zone}/{node}/{suffix}",
+                           encode_payload(payload), time.time() if received_at is None else received_at,
+                           mid=mid, dup=dup)
