@@ -147,6 +147,16 @@ def prepare_connection(conn: psycopg.Connection) -> None:
 # whole seconds from a clock synced to whole seconds: a status sent just after a
 # heartbeat would often look older than it.
 
+
+
+def node_named(key: str) -> str:
+    """SQL for the id of the node that `key` (an SQL expression) names: the node with
+    that uid, or else the one with that hardware id (SPEC §1). The one place this rule is."""
+    return (f"(SELECT id FROM (SELECT id, 0 AS rank FROM nodes WHERE uid = {key}"
+            f" UNION ALL SELECT id, 1 AS rank FROM nodes WHERE hardware_id = {key}) named"
+            f" ORDER BY rank LIMIT 1)")
+
+
 # One statement stores a whole staged batch: it resolves each row's node (by uid,
 # then hardware id), refuses what must be refused, skips what the broker
 # redelivered after it was stored, and says what it did (write_history).
@@ -155,13 +165,7 @@ WITH keys AS (
     SELECT DISTINCT node_key FROM hydrod_stage
 ), resolved_keys AS (
     SELECT k.node_key, n.id, n.gh_uid, n.zone_uid
-    FROM keys k
-    JOIN LATERAL (
-        SELECT id, gh_uid, zone_uid, 0 AS rank FROM nodes WHERE uid = k.node_key
-        UNION ALL
-        SELECT id, gh_uid, zone_uid, 1 AS rank FROM nodes WHERE hardware_id = k.node_key
-        ORDER BY rank LIMIT 1
-    ) n ON true
+    FROM keys k JOIN nodes n ON n.id = {node_named_by_k}
 ), r AS (
     SELECT s.*, rk.id AS node_id,
         CASE
@@ -244,7 +248,7 @@ SELECT 'redelivered', seq::text, kind FROM r WHERE redelivered AND reason IS NUL
 UNION ALL
 SELECT 'written', kind, count(*)::text FROM (SELECT kind FROM samples UNION ALL SELECT kind FROM events) w
 GROUP BY kind
-"""
+""".replace("{node_named_by_k}", node_named("k.node_key"))
 
 
 @dataclass(frozen=True)
@@ -464,14 +468,11 @@ class ReportOutcome:
 
 
 def find_node(cur: psycopg.Cursor, node_key: str, lock: bool = False) -> dict[str, Any] | None:
-    """A node by uid first, then by hardware id (SPEC §1)."""
-    suffix = " FOR UPDATE" if lock else ""
-    for column in ("uid", "hardware_id"):
-        cur.execute(f"SELECT * FROM nodes WHERE {column} = %s{suffix}", (node_key,))
-        row = cur.fetchone()
-        if row is not None:
-            return dict(zip([c.name for c in cur.description], row))
-    return None
+    """The node `node_key` names (node_named), locked with `lock`."""
+    cur.execute(f"SELECT * FROM nodes WHERE id = {node_named('%(key)s')}{' FOR UPDATE' if lock else ''}",
+                {"key": node_key})
+    row = cur.fetchone()
+    return None if row is None else dict(zip([c.name for c in cur.description], row))
 
 
 def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: str, temp: bool,

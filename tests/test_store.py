@@ -320,3 +320,15 @@ def test_cutting_out_refused_rows_sends_each_row_a_few_times_not_the_batch_once_
     # Cutting out each refused row by COPYing the rest again would send ~n²/2 rows.
     assert counting.rows <= 4 * n, counting.rows
     assert counting.copies <= 10 * (n // refused_every) + 20, counting.copies
+
+
+def test_a_key_names_the_node_with_that_uid_before_the_one_with_that_hardware_id(connect):
+    conn = connect()
+    with conn.transaction(), conn.cursor() as cur:
+        register(cur)  # uid nd-ph-a1b2c3d4e5f6
+        store.register_node(cur, hardware_id="nd-ph-a1b2c3d4e5f6", node_type="ec", fw_version="1", capabilities=[],
+                            hardware_revision=None, name=None, wanted_uid=None, base="nd-ec-other",
+                            seen_at=1_764_000_000.0)
+        assert store.find_node(cur, "nd-ph-a1b2c3d4e5f6")["hardware_id"] == "esp32-a1b2c3d4e5f6"
+        assert store.find_node(cur, "nd-ec-other", lock=True)["uid"] == "nd-ec-other"
+        assert store.find_node(cur, "nd-nobody") is None
