@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import secrets
@@ -25,6 +26,9 @@ import tempfile
 import threading
 import time
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,9 @@ MB = 1024 * 1024
 
 TARGETS = {
     "drain": "rate_per_s >= 10000 and ratio >= 0.2 and peak_rss_mb <= 150",
-    "live": "p99_ms <= 100 at 1000 msg/s, lost == 0, peak_rss_mb <= 150",
+    "live": "ratio (p99 during the hello burst / p99 without it) <= 2, no telemetry or hello lost, "
+            "rate >= 0.95 of --live-rate, peak_rss_mb <= 150",
+    "live_steady": "p99_ms <= 100 at 1000 msg/s, lost == 0, peak_rss_mb <= 150",
     "startup": "none set",
     "hello_burst": "peak_rss_mb <= 150",
     "refused": "every phase drains at least half as fast as the valid one",
@@ -55,13 +61,68 @@ def say(*parts: Any) -> None:
 
 # ------------------------------------------------------------------- environment --
 
+@dataclass(frozen=True)
+class Code:
+    """The hydrod a scenario runs: the checkout's (its .venv's editable install), or a
+    reference commit's, installed into a directory put first on the PYTHONPATH."""
+
+    label: str  # "checkout" or "reference"
+    root: Path  # the source tree: its config.toml gives the daemon's keys
+    commit: str | None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def git(*argv: str, cwd: Path = ROOT) -> str:
+    done = subprocess.run(["git", *argv], cwd=cwd, capture_output=True, text=True, timeout=60)
+    return done.stdout.rstrip("\n") if done.returncode == 0 else ""
+
+
+@contextmanager
+def reference_code(commit: str) -> Iterator[Code]:
+    """COMMIT's hydrod, without touching the repository: `git archive` exports its
+    tree to a temporary directory, and this venv's pip builds and installs it there
+    (`--target`, no dependencies: the venv's are used). hydrod runs as `python -m
+    hydrod` with that directory first on PYTHONPATH, ahead of the editable install of
+    the checkout, which Python finds only through site-packages. Removed afterwards."""
+    sha = git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    if not sha:
+        raise SystemExit(f"bench: --reference {commit}: not a commit of {ROOT}")
+    tmp = Path(tempfile.mkdtemp(prefix="hydrod-bench-ref-"))
+    try:
+        src, site = tmp / "src", tmp / "site"
+        src.mkdir()
+        archive = subprocess.Popen(["git", "archive", sha], cwd=ROOT, stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", str(src)], stdin=archive.stdout, check=True, timeout=120)
+        if archive.wait(60) != 0:
+            raise RuntimeError(f"git archive {sha} failed")
+        say(f"reference: installing {sha[:7]} into {site} ...")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "--no-deps", "--no-build-isolation", "--target", str(site), str(src)],
+                       check=True, timeout=600, stdout=subprocess.DEVNULL)
+        code = Code("reference", src, sha[:7], {"PYTHONPATH": str(site)})
+        # The daemon must import the reference, not the checkout: check, do not assume.
+        where = subprocess.run([sys.executable, "-c", "import hydrod; print(hydrod.__file__)"],
+                               cwd=tmp, env={**os.environ, **code.env}, capture_output=True, text=True,
+                               check=True, timeout=60).stdout.strip()
+        if not Path(where).resolve().is_relative_to(site.resolve()):
+            raise RuntimeError(f"reference: hydrod imports from {where}, not from {site}")
+        yield code
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkout_code() -> Code:
+    return Code("checkout", ROOT, git("rev-parse", "--short", "HEAD") or None)
+
+
 class Bench:
     """One scenario's private broker, database and scratch directory."""
 
-    def __init__(self, pg: PgServer, name: str, keep: bool = False) -> None:
+    def __init__(self, pg: PgServer, name: str, keep: bool = False, code: Code | None = None) -> None:
         self.pg = pg
         self.name = name
         self.keep = keep
+        self.code = code or checkout_code()
         self.dir = Path(tempfile.mkdtemp(prefix=f"hydrod-bench-{name}-"))
         # autosave 60 s as in deploy/mosquitto.conf: a 1 s autosave would rewrite a
         # 100k-message store every second and bill the broker's CPU to the drain.
@@ -69,6 +130,7 @@ class Bench:
         self.db = f"hydrod_bench_{name}_{secrets.token_hex(4)}"
         self.dsn = pg.dsn(self.db)
         self._daemons: list[Daemon] = []
+        self.cleanups: list[Any] = []  # called on exit, before the daemons are cleaned up
 
     def __enter__(self) -> Bench:
         with psycopg.connect(self.pg.admin_dsn, autocommit=True) as conn:
@@ -77,6 +139,8 @@ class Bench:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for cleanup in self.cleanups:
+            cleanup()
         for daemon in self._daemons:
             daemon.cleanup()
         self.broker.stop()
@@ -89,13 +153,13 @@ class Bench:
 
     def daemon(self, tag: str = "hydrod", client_id: str | None = None) -> Daemon:
         """hydrod with config.toml's keys, pointed at this broker and database."""
-        sections = tomllib.loads((ROOT / "config.toml").read_text())
+        sections = tomllib.loads((self.code.root / "config.toml").read_text())
         sections["mqtt"].update(host="127.0.0.1", port=self.broker.port,
                                 client_id=client_id or f"hydrod-bench-{secrets.token_hex(4)}")
         sections["database"]["dsn"] = self.dsn
         sections["http"].update(host="127.0.0.1", port=free_port())
         sections["logging"].update(level="info", format="json")
-        daemon = Daemon(self.dir / tag, self.broker.port, self.dsn, sections=sections)
+        daemon = Daemon(self.dir / tag, self.broker.port, self.dsn, sections=sections, env=self.code.env)
         self._daemons.append(daemon)
         return daemon
 
@@ -392,9 +456,9 @@ def stop_profiler(profiler: tuple[subprocess.Popen, Path], cpu_by_thread: dict[i
 
 # ----------------------------------------------------------------------- scenarios --
 
-def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
+def scenario_drain(pg: PgServer, args: argparse.Namespace, code: Code | None = None) -> dict[str, Any]:
     n, nodes = args.messages, args.nodes
-    with Bench(pg, "drain", args.keep) as bench, bench.connect() as conn:
+    with Bench(pg, "drain", args.keep, code) as bench, bench.connect() as conn:
         client_id = f"hydrod-bench-{secrets.token_hex(4)}"
         daemon = bench.daemon("hydrod-1", client_id)
         daemon.start()
@@ -507,10 +571,48 @@ def scenario_drain(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
         return result
 
 
-def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | None) -> dict[str, Any]:
-    rate, duration, nodes = args.live_rate, args.live_seconds, args.nodes
-    total = int(rate * duration)
-    with Bench(pg, "live", args.keep) as bench, bench.connect() as conn:
+def burst_publisher(port: int, messages: list[tuple[str, bytes]], pipe: Any) -> None:
+    """In a process of its own (its own GIL, so the steady publisher keeps its
+    schedule): connect, say "ready", wait for "go", publish every message as fast
+    as paho goes, and send back the wall-clock times of the first and the last
+    publish and of the last PUBACK."""
+    pub = Publisher(port)
+    pipe.send("ready")
+    if pipe.recv() != "go":
+        pub.close()
+        return
+    first = time.time()
+    for topic, payload in messages:
+        pub.publish(topic, payload)
+    last = time.time()
+    pub.wait_acked(120)
+    pipe.send((first, last, time.time()))
+    pub.close()
+
+
+def window_stats(lat: list[float], span: float | None) -> dict[str, Any]:
+    """Latency percentiles of one window, and the rate its messages were published at."""
+    if not lat:
+        return {"messages": 0, "p50_ms": None, "p99_ms": None, "max_ms": None, "publish_rate_per_s": None}
+    values = sorted(lat)
+    q = percentiles(values)
+    return {"messages": len(values), "p50_ms": round(q[49], 1), "p99_ms": round(q[98], 1),
+            "max_ms": round(values[-1], 1),
+            "publish_rate_per_s": round(len(values) / span, 1) if span else None}
+
+
+def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | None,
+                  code: Code | None = None) -> dict[str, Any]:
+    """A steady `--live-rate` of telemetry from `--nodes` bound nodes for
+    `--live-seconds`, and in the middle a burst of `--burst-hellos` node_hello
+    from new hardware ids on the temp namespace (issue 8): telemetry latency
+    during the burst against before and after it, in the same run."""
+    rate, duration, nodes, hellos = args.live_rate, args.live_seconds, args.nodes, args.burst_hellos
+    planned = int(rate * duration)
+    # With a burst, the load goes on until half of --live-seconds has passed since every
+    # burst node was registered (so there is an after window), up to 3x --live-seconds.
+    cap = 3 * planned if hellos else planned
+    with Bench(pg, "live", args.keep, code) as bench, bench.connect() as conn:
         daemon = bench.daemon()
         daemon.start()
         daemon.wait_ready(60)
@@ -518,12 +620,30 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
         profiler = (start_profiler(daemon, args.profile.with_name(args.profile.name + ".live"))
                     if args.profile else None)
 
+        burst_proc = burst_pipe = None
+        if hellos:
+            # New hardware ids, each saying hello from the temp namespace as firmware does
+            # (tests/fixtures/firmware.jsonl): hydro/gh-temp/zn-temp/<hardware id>/node_hello.
+            seed = secrets.randbits(40) << 4
+            hardware_ids = [f"esp32-{(seed + i) % (1 << 48):012x}" for i in range(hellos)]
+            messages = [(f"hydro/gh-temp/zn-temp/{hw}/node_hello", hello(hw)) for hw in hardware_ids]
+            ctx = multiprocessing.get_context("spawn")
+            burst_pipe, child_end = ctx.Pipe()
+            burst_proc = ctx.Process(target=burst_publisher, args=(bench.broker.port, messages, child_end),
+                                     name="bench-burst", daemon=True)
+            burst_proc.start()
+            bench.cleanups.append(lambda: burst_proc.kill() if burst_proc.is_alive() else None)
+            if not burst_pipe.poll(60) or burst_pipe.recv() != "ready":
+                raise RuntimeError("burst publisher did not connect")
+        registered_at: list[float] = []  # when every burst node was seen in `nodes`
+
         # ts of message i is t0 + i ms: unique, and the key that finds its publish time.
-        t0 = int(time.time()) - 120
-        published = [0.0] * total
+        t0 = int(time.time()) - 120 - cap // 1000
+        published: list[float] = []
         visible: dict[int, float] = {}
         received: dict[int, float] = {}  # hydrod's own received_at stamp (paho's on_message)
         stop = threading.Event()
+        burst_go = threading.Event()
 
         def poller() -> None:
             # A row committed before this statement's snapshot was taken is visible to
@@ -542,26 +662,57 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
                         last_id = row_id
                     time.sleep(args.poll_ms / 1000)
 
+        def burst_watcher() -> None:
+            # The same bound as the poller's: every burst node committed before `asked`.
+            with bench.connect() as bconn:
+                burst_go.wait()
+                while not stop.is_set():
+                    asked = time.time()
+                    if count(bconn, "nodes") >= nodes + hellos:
+                        registered_at.append(asked)
+                        return
+                    time.sleep(args.poll_ms / 1000)
+
         watcher = threading.Thread(target=poller, daemon=True)
         watcher.start()
+        counter = threading.Thread(target=burst_watcher, daemon=True)
+        if hellos:
+            counter.start()
         pub = Publisher(bench.broker.port)
-        say(f"live: {rate} msg/s for {duration}s ({total} messages) ...")
+        burst_at = planned // 2
+        say(f"live: {rate} msg/s for {duration}s ({planned} messages)"
+            + (f", {hellos} node_hello after {burst_at / rate:.1f}s" if hellos else "") + " ...")
         start = time.perf_counter() + 0.05
         wall_start = time.time() + 0.05
-        for i in range(total):
+        late_ms: list[float] = []  # how late the publisher was on its schedule, per message
+        i = 0
+        while i < planned or (i < cap and not (registered_at and time.time() - registered_at[0] >= duration / 2)):
+            if i == burst_at and burst_pipe is not None:
+                burst_go.set()
+                burst_pipe.send("go")
             due = start + i / rate
             wait = due - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
-            published[i] = time.time()
+            late_ms.append((time.perf_counter() - due) * 1000)
+            published.append(time.time())
             pub.publish(telemetry_topic(uids[i % nodes]), telemetry(6.0 + (i % 200) / 100, t0 + i / 1000, i % 4096))
+            i += 1
+        total = len(published)
         achieved = total / (published[-1] - published[0]) if total > 1 else float(total)
         pub.wait_acked(60)
         pub.close()
+        burst_times = None
+        if burst_pipe is not None:
+            if burst_pipe.poll(120):
+                burst_times = burst_pipe.recv()
+            burst_proc.join(30)
         try:
             poll(lambda: len(visible) >= total, 60, "every live message visible", 0.05)
         except TimeoutError:
             pass
+        if hellos:
+            counter.join(max(5.0, hellos / 20))
         stop.set()
         watcher.join(5)
         status = proc_status(daemon.pid)
@@ -570,10 +721,12 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
         profile = stop_profiler(profiler, thread_cpu(daemon.pid)) if profiler else None
         stored = count(conn, "telemetry_samples")
         dead = count(conn, "dead_letters")
+        burst_nodes = count(conn, "nodes") - nodes
         daemon.terminate()
 
         seen = [i for i in range(total) if i in visible]
-        lat = sorted((visible[i] - published[i]) * 1000 for i in seen)
+        latency = {i: (visible[i] - published[i]) * 1000 for i in seen}
+        lat = sorted(latency.values())
         q = percentiles(lat)
         # The two legs, split at hydrod's received_at: publisher -> broker -> hydrod's
         # paho thread, and hydrod's queueing + batching + commit.
@@ -584,10 +737,14 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
                 f.write("i,published,received_at,visible\n")
                 for i in seen:
                     f.write(f"{i},{published[i]:.6f},{received[i]:.6f},{visible[i]:.6f}\n")
+        late = percentiles(sorted(late_ms))
         result = {
-            "scenario": "live", "messages": total, "nodes": nodes,
+            "scenario": "live", "messages": total, "planned_messages": planned, "nodes": nodes,
             "seconds": round(published[-1] - wall_start, 3), "rate_per_s": round(achieved, 1),
             "target_rate_per_s": rate,
+            # how far behind its schedule the bench's own publisher was (sleep overshoot included)
+            "publish_late_p50_ms": round(late[49], 1), "publish_late_p99_ms": round(late[98], 1),
+            "publish_late_max_ms": round(max(late_ms), 1) if late_ms else None,
             "reference_rate_per_s": None if reference is None else round(reference),
             "reference_note": "no latency reference; this is the drain reference's throughput "
                               "(mosquitto_sub | psql COPY)" if reference else
@@ -602,22 +759,71 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
             "lost": total - stored, "dead_letters": dead, "unattributed": total - len(lat),
             "daemon_cpu_s": round(status["cpu_s"], 2), "write_batches": batches,
             "db_backend_cpu_s": db_cpu,
-            **({"profile": profile} if profile else {}),
-            "target": TARGETS["live"],
-            "target_met": bool(lat and q[98] <= 100 and stored == total and status["VmHWM"] / 1024 <= 150
-                               and achieved >= 0.95 * rate),
         }
+        met = bool(lat and stored == total and status["VmHWM"] / 1024 <= 150 and achieved >= 0.95 * rate)
+        if hellos:
+            first, last, acked = burst_times or (None, None, None)
+            done = registered_at[0] if registered_at else None
+            end = published[-1]
+            # Windows by publish time: before the first hello; from it until every burst
+            # node is committed (to the end if that never happened); after that.
+            during_from, during_to = first or end, done or end
+            windows_lat: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+            for i in seen:
+                at = published[i]
+                name = "before" if at < during_from else "during" if at <= during_to else "after"
+                windows_lat[name].append(latency[i])
+            spans = {"before": during_from - wall_start, "during": during_to - during_from,
+                     "after": end - during_to}
+            windows = {name: window_stats(values, spans[name]) for name, values in windows_lat.items()}
+            windows["without"] = window_stats(windows_lat["before"] + windows_lat["after"], None)
+            during, without = windows["during"]["p99_ms"], windows["without"]["p99_ms"]
+            ratio = round(during / without, 2) if during is not None and without else None
+            # A ratio means something only if hydrod kept up with the steady load before the
+            # burst: with a growing backlog, latency climbs with time and any later window
+            # looks worse. Kept up: the second half of the before window has a median at
+            # most 1.5x the first half's (+20 ms for the poll's resolution).
+            half = len(windows_lat["before"]) // 2
+            p50_first = statistics.median(windows_lat["before"][:half]) if half else None
+            p50_second = statistics.median(windows_lat["before"][half:]) if half else None
+            steady = bool(half and p50_second <= 1.5 * p50_first + 20)
+            result.update({
+                "ratio": ratio,
+                "ratio_note": ("telemetry p99 during the hello burst / p99 before and after it (issue 8: <= 2)"
+                               if steady else "NOT MEANINGFUL: hydrod fell behind the steady load before the "
+                               "burst (before_steady false), so latency grows with time in every window"),
+                "before_steady": steady,
+                "before_halves_p50_ms": [None if p50_first is None else round(p50_first, 1),
+                                         None if p50_second is None else round(p50_second, 1)],
+                "windows": windows,
+                "burst": {
+                    "hellos": hellos, "topic": "hydro/gh-temp/zn-temp/<hardware id>/node_hello",
+                    "registered": burst_nodes, "lost": hellos - burst_nodes,
+                    "started_after_s": round(first - wall_start, 3) if first else None,
+                    "publish_s": round(last - first, 3) if first else None,
+                    "acked_s": round(acked - first, 3) if first else None,
+                    # first hello published -> every burst node committed (an upper bound by one poll)
+                    "drain_s": round(done - first, 3) if done and first else None,
+                    "rate_per_s": round(hellos / (done - first), 1) if done and first else None,
+                },
+            })
+            met = bool(met and steady and ratio is not None and ratio <= 2 and burst_nodes == hellos)
+        result.update({
+            **({"profile": profile} if profile else {}),
+            "target": TARGETS["live"] if hellos else TARGETS["live_steady"],
+            "target_met": bool(met and q[98] <= 100) if not hellos else met,
+        })
         return result
 
 
-def scenario_refused(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
+def scenario_refused(pg: PgServer, args: argparse.Namespace, code: Code | None = None) -> dict[str, Any]:
     """Four backlogs of `--refused-messages` each, drained by a fresh hydrod in
     turn: valid telemetry, messages PostgreSQL would refuse, valid telemetry with
     1 % of those mixed in, and valid telemetry with 1 % that a CHECK constraint
     refuses. Each rate is from spawn until every message is accounted for (a
     sample, or a dead letter)."""
     n, nodes = args.refused_messages, args.nodes
-    with Bench(pg, "refused", args.keep) as bench, bench.connect() as conn:
+    with Bench(pg, "refused", args.keep, code) as bench, bench.connect() as conn:
         client_id = f"hydrod-bench-{secrets.token_hex(4)}"
         daemon = bench.daemon("hydrod-0", client_id)
         daemon.start()
@@ -688,9 +894,9 @@ def scenario_refused(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def scenario_startup(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
+def scenario_startup(pg: PgServer, args: argparse.Namespace, code: Code | None = None) -> dict[str, Any]:
     runs = []
-    with Bench(pg, "startup", args.keep) as bench:
+    with Bench(pg, "startup", args.keep, code) as bench:
         client_id = f"hydrod-bench-{secrets.token_hex(4)}"
         for run in range(args.startup_runs):
             daemon = bench.daemon(f"hydrod-{run}", client_id)
@@ -711,9 +917,9 @@ def scenario_startup(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def scenario_hello_burst(pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
+def scenario_hello_burst(pg: PgServer, args: argparse.Namespace, code: Code | None = None) -> dict[str, Any]:
     n = args.hellos
-    with Bench(pg, "hello", args.keep) as bench, bench.connect() as conn:
+    with Bench(pg, "hello", args.keep, code) as bench, bench.connect() as conn:
         daemon = bench.daemon()
         daemon.start()
         daemon.wait_ready(60)
@@ -749,15 +955,76 @@ def scenario_hello_burst(pg: PgServer, args: argparse.Namespace) -> dict[str, An
 
 def checkout_state() -> dict[str, Any]:
     """The commit measured, and whether hydrod's files (bench/ aside) differ from it."""
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return done.stdout.rstrip("\n") if done.returncode == 0 else ""
     changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench")
     return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
             "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
 SCENARIOS = ("drain", "live", "startup", "hello_burst", "refused")
+# What --reference compares, per scenario: the figure, and whether higher is better.
+COMPARED = {"drain": ("rate_per_s", True), "hello_burst": ("rate_per_s", True),
+            "startup": ("seconds", False), "live": ("p99_ms", False)}
+
+
+def run_scenario(name: str, pg: PgServer, args: argparse.Namespace, reference: float | None,
+                 code: Code | None = None) -> dict[str, Any]:
+    """One scenario's result, with the host's load average (1 min) before and after it."""
+    before = os.getloadavg()[0]
+    result = _run_scenario(name, pg, args, reference, code)
+    return {**result, "load_avg_1m": [round(before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _run_scenario(name: str, pg: PgServer, args: argparse.Namespace, reference: float | None,
+                  code: Code | None) -> dict[str, Any]:
+    try:
+        if name == "drain":
+            return scenario_drain(pg, args, code)
+        if name == "live":
+            return scenario_live(pg, args, reference, code)
+        if name == "startup":
+            return scenario_startup(pg, args, code)
+        if name == "refused":
+            return scenario_refused(pg, args, code)
+        return scenario_hello_burst(pg, args, code)
+    except Exception as exc:  # one scenario failing does not hide the others
+        return {"scenario": name, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+
+
+def comparison(name: str, runs: list[dict[str, Any]], reference: Code, checkout: Code) -> dict[str, Any]:
+    """The checkout against the reference, from runs made in turns in one invocation:
+    each pair's ratio (checkout / reference), and the ratio of the means."""
+    key, higher_better = COMPARED.get(name, ("rate_per_s", True))
+    figures = {label: [r.get(key) for r in runs if r.get("code") == label] for label in ("reference", "checkout")}
+    pairs = [(ref, new) for ref, new in zip(figures["reference"], figures["checkout"])
+             if ref is not None and new is not None]
+    ratio = None
+    if pairs:
+        ratio = round(statistics.mean(n for _, n in pairs) / statistics.mean(r for r, _ in pairs), 3)
+    out = {
+        "scenario": f"{name}_vs_reference", "figure": key, "higher_is_better": higher_better,
+        "reference_commit": reference.commit, "checkout_commit": checkout.commit,
+        "order": [r.get("code") for r in runs],
+        "reference": figures["reference"], "checkout": figures["checkout"],
+        "pair_ratios": [round(n / r, 3) for r, n in pairs if r],
+        "ratio": ratio, "ratio_note": f"mean {key} of the checkout / mean of the reference, complete pairs only",
+        "errors": [r["error"] for r in runs if "error" in r],
+    }
+    if name == "drain":
+        out["lost"] = [r.get("lost") for r in runs]
+        out["paho_v5_receive_only_rate_per_s"] = [r.get("paho_v5_receive_only_rate_per_s") for r in runs]
+        # Each run's rate over the bare paho client's rate measured right after it, on the
+        # same messages: a second view that cancels most of the load other jobs put on the host.
+        to_paho = {label: [r.get("ratio_to_paho") for r in runs if r.get("code") == label]
+                   for label in ("reference", "checkout")}
+        out["ratio_to_paho"] = to_paho
+        pairs_paho = [(r, n) for r, n in zip(to_paho["reference"], to_paho["checkout"]) if r and n]
+        out["ratio_of_ratios_to_paho"] = (round(statistics.mean(n for _, n in pairs_paho)
+                                                / statistics.mean(r for r, _ in pairs_paho), 3)
+                                          if pairs_paho else None)
+    if name == "live":
+        out["burst_ratio"] = {label: [r.get("ratio") for r in runs if r.get("code") == label]
+                              for label in ("reference", "checkout")}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -770,14 +1037,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=int(env("BENCH_NODES", 50)), help="nodes (50)")
     parser.add_argument("--live-seconds", type=float, default=float(env("BENCH_LIVE_SECONDS", 20)),
                         help="live: duration (20)")
-    parser.add_argument("--live-rate", type=int, default=int(env("BENCH_LIVE_RATE", 1000)),
-                        help="live: messages per second (1000)")
+    parser.add_argument("--live-rate", type=int, default=int(env("BENCH_LIVE_RATE", 2000)),
+                        help="live: telemetry messages per second (2000)")
+    parser.add_argument("--burst-hellos", type=int, default=int(env("BENCH_BURST_HELLOS", 2000)),
+                        help="live: node_hello from new hardware ids in the middle of the run "
+                             "(2000; 0: the steady load alone)")
     parser.add_argument("--poll-ms", type=float, default=5.0, help="live: visibility poll interval (5)")
     parser.add_argument("--hellos", type=int, default=int(env("BENCH_HELLOS", 5000)),
                         help="hello_burst: node_hello messages (5000)")
     parser.add_argument("--startup-runs", type=int, default=5, help="startup: runs (5)")
     parser.add_argument("--refused-messages", type=int, default=int(env("BENCH_REFUSED_MESSAGES", 5000)),
                         help="refused: messages in each of its three backlogs (5000)")
+    parser.add_argument("--reference", metavar="COMMIT", default=None,
+                        help="run each scenario against COMMIT's hydrod and the checkout's in turns "
+                             "(reference, checkout, reference, checkout ...) and print the ratio")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="--reference: runs of each (2)")
     parser.add_argument("--profile", type=Path, default=None, metavar="RAW_FILE",
                         help="drain and live: record hydrod with py-spy (folded stacks to RAW_FILE, "
                              "RAW_FILE.live for live) and report the top functions by own time")
@@ -788,41 +1063,49 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
-    pg = PgServer.find_or_start()
-    say(f"PostgreSQL {pg.host}:{pg.port}, {os.cpu_count()} CPUs")
     out_path = None
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
         out_path = RESULTS / time.strftime("%Y%m%dT%H%M%SZ.jsonl", time.gmtime())
-    reference = None
-    failed = 0
+
+    def emit(result: dict[str, Any]) -> None:
+        line = json.dumps(result)
+        print(line, flush=True)
+        if out_path is not None:
+            with open(out_path, "a") as f:
+                f.write(line + "\n")
+
     host = {"cpus": os.cpu_count(), "python": platform.python_version(), **checkout_state()}
-    try:
-        for name in chosen:
-            try:
-                if name == "drain":
-                    result = scenario_drain(pg, args)
-                    reference = result["reference_rate_per_s"]
-                elif name == "live":
-                    result = scenario_live(pg, args, reference)
-                elif name == "startup":
-                    result = scenario_startup(pg, args)
-                elif name == "refused":
-                    result = scenario_refused(pg, args)
-                else:
-                    result = scenario_hello_burst(pg, args)
-            except Exception as exc:  # one scenario failing does not hide the others
-                failed += 1
-                result = {"scenario": name, "error": f"{type(exc).__name__}: {exc}"[:4000]}
-            result["host"] = host
-            line = json.dumps(result)
-            print(line, flush=True)
-            if out_path is not None:
-                with open(out_path, "a") as f:
-                    f.write(line + "\n")
-    finally:
-        pg.stop_private()
+    failed = 0
+    with reference_code(args.reference) if args.reference else nullcontext() as ref_code:
+        pg = PgServer.find_or_start()
+        say(f"PostgreSQL {pg.host}:{pg.port}, {os.cpu_count()} CPUs")
+        reference = None
+        try:
+            for name in chosen:
+                if ref_code is None:
+                    result = run_scenario(name, pg, args, reference)
+                    if name == "drain" and "error" not in result:
+                        reference = result["reference_rate_per_s"]
+                    failed += "error" in result
+                    emit({**result, "host": host})
+                    continue
+                checkout = checkout_code()
+                runs = []
+                for round_ in range(args.rounds):
+                    for code in (ref_code, checkout):  # in turns: drift of the machine hits both
+                        say(f"{name}: round {round_ + 1} of {args.rounds}, {code.label} ({code.commit})")
+                        result = {**run_scenario(name, pg, args, None, code),
+                                  "code": code.label, "code_commit": code.commit}
+                        failed += "error" in result
+                        runs.append(result)
+                        emit({**result, "host": host})
+                emit({**comparison(name, runs, ref_code, checkout), "host": host})
+        finally:
+            pg.stop_private()
     if out_path is not None:
         say(f"saved {out_path}")
     return 1 if failed else 0
