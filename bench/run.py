@@ -792,6 +792,9 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
                 "ratio_note": ("telemetry p99 during the hello burst / p99 before and after it (issue 8: <= 2)"
                                if steady else "NOT MEANINGFUL: hydrod fell behind the steady load before the "
                                "burst (before_steady false), so latency grows with time in every window"),
+                # the same against the before window alone (the after window holds the recovery)
+                "ratio_to_before": (round(during / windows["before"]["p99_ms"], 2)
+                                    if during is not None and windows["before"]["p99_ms"] else None),
                 "before_steady": steady,
                 "before_halves_p50_ms": [None if p50_first is None else round(p50_first, 1),
                                          None if p50_second is None else round(p50_second, 1)],
