@@ -17,7 +17,7 @@ import psycopg
 import structlog
 
 from . import logs, settings as settings_module, store
-from .errors import HydrodError, unexpected
+from .errors import ConfigError, HydrodError, unexpected
 
 
 def main(argv: list[str] | None = None, fault_hook=None) -> int:
@@ -34,13 +34,17 @@ def main(argv: list[str] | None = None, fault_hook=None) -> int:
     push = commands.add_parser("push-config", help="push a NodeConfig (JSON file, - for stdin) to a node")
     push.add_argument("uid")
     push.add_argument("file")
+    _simulate_arguments(commands.add_parser(
+        "simulate", help="run virtual firmware nodes against the broker (SPEC §9)",
+        description="Virtual firmware nodes, each on its own MQTT connection, until --duration "
+                    "or Ctrl-C; then a summary. Broker settings come from [mqtt] unless given here."))
     for sub in commands.choices.values():
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     logs.configure()  # JSON from the first line, a config error included
     try:
-        config = settings_module.load(args.config)
+        config = _load(args)
         logs.configure(config.logging.level, config.logging.format)
         if args.command == "run":
             return run(config, args, fault_hook)
@@ -88,6 +92,44 @@ def run(config, args, fault_hook=None) -> int:
     daemon.shutdown()
     if daemon.failure is not None:
         raise daemon.failure
+    return 0
+
+
+def _load(args):
+    """The config; `hydrod simulate` also runs where there is no ./config.toml (defaults)."""
+    if args.command == "simulate" and args.config is None and not settings_module.default_path().exists():
+        return settings_module.from_dict({}, environ=os.environ)
+    return settings_module.load(args.config)
+
+
+def _simulate_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    sub.add_argument("--rate", type=float, default=1.0, help="telemetry messages a second, all nodes together (default 1)")
+    sub.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    sub.add_argument("--mqtt-host", default=None, help="broker host (default: [mqtt] host)")
+    sub.add_argument("--mqtt-port", type=int, default=None, help="broker port (default: [mqtt] port)")
+    sub.add_argument("--prefix", default="esp32-sim", help="hardware ids are PREFIX-0001, PREFIX-0002, ... (default esp32-sim)")
+    sub.add_argument("--heartbeat", type=float, default=15.0, help="seconds between a node's heartbeats (default 15)")
+    sub.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def simulate(config, args) -> int:
+    from .simulate import Options, Simulator, format_summary, options_error
+
+    m = config.mqtt
+    options = Options(nodes=args.nodes, rate=args.rate, duration=args.duration,
+                      host=args.mqtt_host or m.host, port=args.mqtt_port or m.port,
+                      username=m.username, password=m.password.get_secret_value(), tls=m.tls, ca_file=m.ca_file,
+                      keepalive=m.keepalive, prefix=args.prefix, heartbeat_s=args.heartbeat)
+    if problem := options_error(options):
+        raise ConfigError(f"hydrod simulate: {problem}")
+    simulator = Simulator(options)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: simulator.stop())
+    summary = simulator.run()
+    print(json.dumps(summary) if args.json else format_summary(summary, options))
+    if not summary["connected"]:
+        raise HydrodError(f"no node could connect to the broker at {options.host}:{options.port}")
     return 0
 
 
@@ -166,4 +208,4 @@ def _read(path: Path) -> bytes:
 
 
 COMMANDS = {"run": run, "migrate": migrate, "check-config": check_config, "nodes": nodes,
-            "push-config": push_config}
+            "push-config": push_config, "simulate": simulate}
