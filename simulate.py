@@ -405,7 +405,7 @@ class Link:
     ever_connected: bool = False
     moving: bool = False
     closing: bool = False
-    retry_at: float | None = None
+    refused: str | None = None  # the broker's reason for refusing the last CONNECT
     backoff: float = 0.0
     generation: int = 0
     unacked: set[int] = field(default_factory=set)
@@ -512,12 +512,11 @@ class Simulator:
         log.info("simulate_started", nodes=len(self.links), rate=options.rate, duration=options.duration,
                  broker=f"{options.host}:{options.port}")
         for link in self.links:
-            link.retry_at = self.started_at
+            self._later(0.0, lambda link=link: self._connect(link))
         pacer = Pacer(options.rate, self.started_at)
         misc_at = self.started_at + 1.0
         try:
             while not self._stop.is_set() and time.monotonic() < deadline:
-                self._connect_due()
                 now = time.monotonic()
                 timeout = min(1.0, deadline - now, pacer.wait(now), self._timer_wait(now))
                 self._poll(max(0.0, timeout))
@@ -549,6 +548,8 @@ class Simulator:
                     pass
                 continue
             client = link.client
+            # A failed loop_read/loop_write closes the socket and calls _on_disconnect,
+            # which retries: their return codes say nothing more.
             if mask & selectors.EVENT_READ:
                 client.loop_read()
                 sock = client.socket()
@@ -571,17 +572,9 @@ class Simulator:
         return self._timers[0][0] - now if self._timers else 1.0
 
     def _run_timers(self) -> None:
-        while self._timers and self._timers[0][0] <= time.monotonic():
+        while self._timers and self._timers[0][0] <= time.monotonic() and not self._stop.is_set():
             _, _, action = heapq.heappop(self._timers)
             action()
-
-    def _connect_due(self) -> None:
-        for link in self.links:
-            if self._stop.is_set():
-                return
-            if link.retry_at is not None and link.retry_at <= time.monotonic():
-                link.retry_at = None
-                self._connect(link)
 
     def _connect(self, link: Link) -> None:
         """A blocking TCP (and TLS) connect; CONNACK comes through the selector."""
@@ -597,20 +590,21 @@ class Simulator:
 
     def _retry(self, link: Link, why: str) -> None:
         o = self.options
-        link.backoff = min(o.reconnect_max_s, max(o.reconnect_min_s, link.backoff * 2))
-        link.retry_at = time.monotonic() + link.backoff * random.uniform(0.5, 1.0)
+        link.backoff = min(o.reconnect_max_s, max(o.reconnect_min_s, link.backoff * 2))  # min, 2 min, ... max
+        delay = link.backoff * random.uniform(0.5, 1.0)
+        self._later(delay, lambda: self._connect(link))
         self.stats.add("connect_failed")
         self.last_connect_error = why
         if self.stats.other["connect_failed"] == 1 or link.backoff >= o.reconnect_max_s:
             log.warning("simulate_connect_failed", node=link.node.hardware_id, error=why,
-                        broker=f"{o.host}:{o.port}", retry_in_s=round(link.retry_at - time.monotonic(), 2))
+                        broker=f"{o.host}:{o.port}", retry_in_s=round(delay, 2))
 
     # -- paho callbacks (all on this thread) --
 
     def _on_connect(self, client: mqtt.Client, link: Link, _flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            log.warning("simulate_connect_refused", node=link.node.hardware_id, reason=str(reason))
-            return  # the broker closes the connection: _on_disconnect retries
+        if reason.is_failure:  # the broker closes the connection: _on_disconnect retries
+            link.refused = f"refused by the broker: {reason}"
+            return
         link.connected, link.ever_connected, link.backoff = True, True, 0.0
         link.generation += 1
         self.stats.add("connects")
@@ -625,19 +619,22 @@ class Simulator:
             self._later(self.options.time_retry_s, lambda: self._time_retry(link, generation))
 
     def _on_disconnect(self, _client: mqtt.Client, link: Link, _flags: Any, reason: Any, _props: Any) -> None:
-        link.connected = False
+        was_connected, link.connected = link.connected, False
         link.generation += 1
         if self._stop.is_set() or link.closing:
+            return
+        if not was_connected:  # refused, or lost before the CONNACK
+            refused, link.refused = link.refused, None
+            self._retry(link, refused or f"lost before the broker answered: {reason}")
             return
         if link.moving:  # our own clean disconnect: come back in the new namespace
             link.moving = False
             link.node.move()
-            link.retry_at = time.monotonic()  # from the loop, not inside paho's write
+            self._later(0.0, lambda: self._connect(link))  # from the loop, not inside paho's write
             return
         self.stats.add("disconnects")
         log.info("simulate_disconnected", node=link.node.hardware_id, reason=str(reason))
-        link.backoff = link.backoff or self.options.reconnect_min_s / 2
-        self._retry(link, str(reason))
+        self._retry(link, f"connection lost: {reason}")
 
     def _on_publish(self, _client: mqtt.Client, link: Link, mid: int, _reason: Any, _props: Any) -> None:
         link.unacked.discard(mid)

@@ -302,12 +302,12 @@ def hydrod_simulate(*args: str) -> subprocess.Popen:
 
 def test_the_command_runs_for_its_duration_then_prints_a_summary_and_exits_0(make_daemon, broker, database):
     make_daemon().wait_ready()
-    proc = hydrod_simulate("--nodes", "2", "--rate", "10", "--duration", "3", "--mqtt-port", str(broker.port),
+    proc = hydrod_simulate("--nodes", "2", "--rate", "10", "--duration", "2", "--mqtt-port", str(broker.port),
                            "--prefix", "esp32-cli", "--json")
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     summary = json.loads(out.splitlines()[-1])
-    assert summary["connected"] == 2 and 2.9 < summary["seconds"] < 10
+    assert summary["connected"] == 2 and 1.9 < summary["seconds"] < 10
     assert summary["sent"]["node_hello"] == 2 and summary["sent"]["telemetry"] > 0
     assert summary["acknowledged"] == sum(summary["sent"].values())
     assert len(node_rows(database, "esp32-cli")) == 2
@@ -343,7 +343,7 @@ def test_a_bad_option_is_one_clear_line_and_exit_2():
     assert proc.returncode == 2 and "--nodes 0: between 1 and 10000" in err
 
 
-def test_nodes_connect_over_tls_with_a_login_and_a_wrong_ca_is_named_in_the_summary(tmp_path):
+def test_nodes_connect_over_tls_with_a_login_and_a_wrong_ca_or_password_is_named_in_the_summary(tmp_path):
     from harness import make_certificates, running_broker
 
     certificates = make_certificates(tmp_path / "certs")
@@ -354,6 +354,11 @@ def test_nodes_connect_over_tls_with_a_login_and_a_wrong_ca_is_named_in_the_summ
                 hellos.wait_for(2)
         with simulating(nodes=1, ca_file=str(certificates.other_ca), prefix="esp32-bad", reconnect_min_s=0.05,
                         **tls) as sim:
-            wait_until(lambda: sim.summary().get("connect_failed", 0) >= 2, what="two refused attempts")
+            wait_until(lambda: sim.summary().get("connect_failed", 0) >= 2, what="two failed attempts")
+        with simulating(nodes=1, ca_file=str(certificates.ca), prefix="esp32-pw", reconnect_min_s=0.05,
+                        **{**tls, "password": "wrong"}) as refused:
+            wait_until(lambda: refused.summary().get("connect_failed", 0) >= 2, what="two refused attempts")
     assert sorted(m.json()["hardware_id"] for m in hellos.messages) == ["esp32-tls-0001", "esp32-tls-0002"]
     assert sim.result["connected"] == 0 and "certificate verify failed" in sim.result["last_connect_error"]
+    assert refused.result["connected"] == 0
+    assert refused.result["last_connect_error"] == "refused by the broker: Not authorized"
