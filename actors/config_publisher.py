@@ -12,9 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.configs import Acked, Configs, PushResult
+from ..core.configs import Acked, Configs, PushResult, ResendConfig
 from ..core.database import Database
-from ..core.registry import ResendConfig
 from .base import Address, Context, Flush, Health, LinkChanged, SupervisedActor, Ticker
 from .mqtt_io import Publish, WatchLink
 

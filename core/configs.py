@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -23,7 +23,6 @@ import psycopg
 
 from .. import protocol, store
 from .database import Database
-from .registry import ResendConfig
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,17 @@ class PushRefused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+@dataclass(frozen=True)
+class ResendConfig:
+    """From the registry: bound node `uid` is back in the temp namespace; send it its
+    last applied config again, as published (the database has allowed it already)."""
+
+    uid: str
+    version: int
+    topic: str
+    payload: bytes = field(repr=False)  # holds the node's secret
 
 
 @dataclass(frozen=True)

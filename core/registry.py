@@ -12,7 +12,6 @@ batcher's (core/batcher.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -20,17 +19,7 @@ import psycopg
 from .. import protocol, store
 from ..protocol import CONFIG_REPORT, HELLO, NodeHello, Rejected, Routed
 from .batcher import Refusal, Written
-
-
-@dataclass(frozen=True)
-class ResendConfig:
-    """Bound node `uid` is back in the temp namespace: send it its last applied config
-    again, as published (the database has allowed it already)."""
-
-    uid: str
-    version: int
-    topic: str
-    payload: bytes = field(repr=False)  # holds the node's secret
+from .configs import ResendConfig
 
 
 class _Batch:

@@ -12,9 +12,8 @@ import pytest
 
 from harness import RecordingLog, query, wait_until
 from hydrod import store
-from hydrod.core.configs import Acked, Configs, PushRefused
+from hydrod.core.configs import Acked, Configs, PushRefused, ResendConfig
 from hydrod.core.database import Database
-from hydrod.core.registry import ResendConfig
 from hydrod.metrics import Metrics
 
 HW, UID = "esp32-a1b2c3d4e5f6", "nd-ph-a1b2c3d4e5f6"
