@@ -1070,12 +1070,8 @@ class Later:
         self.delays.append(delay)
 
 
-def routed(seq: int, kind: str, payload: Any, node: str = "nd-ph-a1b2c3d4e5f6", gh: str = "gh-1",
-           zone: str = "zn-1", channel: str | None = "ph_sensor", received_at: float | None = None,
-           mid: int = 0, dup: bool = False):
-    """A received message as MqttIo hands it to a consumer (protocol.Routed)."""
+def routed(seq: int, topic: str, payload: Any, received_at: float | None = None, mid: int = 0, dup: bool = False):
+    """A received message as MqttIo hands it to a consumer: classified by its topic (protocol.classify)."""
     from hydrod import protocol
-    suffix = {"telemetry": f"{channel}/telemetry"}.get(kind, kind)
-    return protocol.Routed(seq, kind, gh, zone, node, channel, f"hydro/{gh}/{zone}/{node}/{suffix}",
-                           encode_payload(payload), time.time() if received_at is None else received_at,
-                           mid=mid, dup=dup)
+    return protocol.classify(seq, topic, encode_payload(payload), time.time() if received_at is None else received_at,
+                             mid=mid, dup=dup)

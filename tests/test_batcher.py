@@ -76,8 +76,9 @@ def make_batcher(migrated):
         db.close()
 
 
-def items(seqs, **fields):
-    return [routed(seq, "telemetry", {"metric_type": "PH", "value": 6.0}, **fields) for seq in seqs]
+def items(seqs):
+    return [routed(seq, "hydro/gh-1/zn-1/nd-ph-a1b2c3d4e5f6/ph/telemetry", {"metric_type": "PH", "value": 6.0})
+            for seq in seqs]
 
 
 def written(dsn):

@@ -1,7 +1,8 @@
 """DbWriter: the node history service, against real Mosquitto and PostgreSQL.
 
 Each test runs hydrod as a subprocess, talks to it as firmware does (MQTT) and
-reads what it committed from the database."""
+reads what it committed from the database. What each kind of history becomes is
+tested on the plain class, synchronously, in test_history.py."""
 
 from __future__ import annotations
 
@@ -90,13 +91,6 @@ def test_firmware_telemetry_is_stored_with_channel_from_topic_and_other_keys_as_
     ]
 
 
-def test_metric_type_is_stored_upper_case(hydrod, broker, database):
-    register_node(broker.port, database, PH_HW)
-    publish(broker.port, [(telemetry_topic(PH_UID, "probe"), sample("ph", 6.1, 1710000000))])
-    rows = wait_until(lambda: samples_on(database, "probe"), 10, "the sample")
-    assert [(metric, value) for metric, value, *_ in rows] == [("PH", 6.1)]
-
-
 def test_each_timestamp_rule_is_applied_and_every_replacement_is_counted(hydrod, broker, database):
     register_node(broker.port, database, PH_HW)
     now = time.time()
@@ -154,26 +148,6 @@ def test_the_same_samples_published_twice_are_stored_once(hydrod, broker, databa
     wait_until(lambda: counted() == (401, 201, 200), 5, "401 received: 201 stored, 200 duplicates")
 
 
-def test_an_older_sample_arriving_late_leaves_telemetry_last_unchanged_and_a_newer_one_updates_it(
-        hydrod, broker, database):
-    register_node(broker.port, database, PH_HW)
-    t = int(time.time()) - 1000
-    last = lambda: query(database, "SELECT value, ts FROM telemetry_last WHERE channel = 'ph'")  # noqa: E731
-    stored = lambda n: lambda: len(samples_on(database, "ph")) == n  # noqa: E731
-
-    publish(broker.port, [(telemetry_topic(PH_UID, "ph"), sample(value=6.0, ts=t))])
-    wait_until(stored(1), 10, "first sample")
-    assert last() == [(6.0, utc(t))]
-
-    publish(broker.port, [(telemetry_topic(PH_UID, "ph"), sample(value=5.0, ts=t - 100))])
-    wait_until(stored(2), 10, "the late sample in history")
-    assert last() == [(6.0, utc(t))]
-
-    publish(broker.port, [(telemetry_topic(PH_UID, "ph"), sample(value=7.0, ts=t + 100))])
-    wait_until(stored(3), 10, "the newer sample")
-    assert last() == [(7.0, utc(t + 100))]
-
-
 def test_telemetry_from_a_bound_node_on_another_zone_is_dead_lettered_as_zone_mismatch(
         hydrod, broker, database):
     uid = register_node(broker.port, database, PH_HW)
@@ -188,18 +162,6 @@ def test_telemetry_from_a_bound_node_on_another_zone_is_dead_lettered_as_zone_mi
     assert [(topic, reason) for topic, reason, _ in letters] == [
         (telemetry_topic(uid, "intruder", gh="gh-2", zone="zn-9"), "zone_mismatch")]
     assert samples_on(database, "intruder") == []
-
-
-def test_a_bound_node_that_keeps_its_hardware_id_in_topics_has_its_telemetry_stored(
-        hydrod, broker, database):
-    uid = register_node(broker.port, database, PH_HW)
-    bind_node(hydrod, broker.port, database, uid, "gh-1", "zn-1")
-    publish(broker.port, [(telemetry_topic(PH_HW, "by_hw"), sample(ts=1710000000))])
-    rows = wait_until(lambda: query(database, "SELECT n.uid FROM telemetry_samples s"
-                                              " JOIN nodes n ON n.id = s.node_id WHERE s.channel = 'by_hw'"),
-                      10, "the sample sent under the hardware id")
-    assert rows == [(uid,)]
-    assert dead_letters(database) == []
 
 
 def test_telemetry_from_an_unknown_node_is_dead_lettered_as_unknown_node(hydrod, broker, database):
@@ -243,36 +205,6 @@ def test_each_class_of_bad_input_is_dead_lettered_with_its_reason_and_logged_and
     assert hydrod.events("actor_failed") == []
 
 
-# Valid JSON of the right shape whose values PostgreSQL would refuse (issue 7): each is
-# rejected before the database, naming the field, and costs its batch mates nothing.
-BEYOND_COLUMNS = {
-    # channel or kind: (topic suffix, payload, the field named)
-    "rssi": ("heartbeat", b'{"uptime":1,"free_heap":102000,"rssi":3000000000,"fw_version":"1.0.0"}', "$.rssi"),
-    "heap": ("heartbeat", b'{"uptime":2,"free_heap":18446744073709551615,"rssi":-62}', "$.free_heap"),
-    "numeric": ("beyond/telemetry", b'{"metric_type":"PH","value":6.0,"ts":1710000000,"note":1e1000000}',
-                "$.note"),
-    "nul": ("nul/telemetry", b'{"metric_type":"PH","value":6.0,"ts":1710000000,"note":"a\\u0000b"}', "$.note"),
-    "event": ("error", b'{"code":1e400,"ts":1710000000}', "$.code"),
-}
-
-
-def test_values_beyond_their_columns_are_rejected_before_the_database_naming_the_field(
-        hydrod, broker, database):
-    register_node(broker.port, database, PH_HW)
-    good = [(telemetry_topic(PH_UID, "good"), sample(ts=1710000000 + i)) for i in range(40)]
-    bad = [(f"hydro/gh-1/zn-1/{PH_UID}/{suffix}", payload) for suffix, payload, _ in BEYOND_COLUMNS.values()]
-    publish(broker.port, good[:20] + bad + good[20:])
-    wait_until(rows_once(len(bad), database, "SELECT id FROM dead_letters"), 10, "a dead letter each")
-    wait_until(lambda: len(samples_on(database, "good")) == 40, 10, "the other 40 samples")
-    letters = query(database, "SELECT topic, reason, payload, detail FROM dead_letters ORDER BY id")
-    assert sorted((topic, reason, bytes(payload)) for topic, reason, payload, _ in letters) == sorted(
-        (topic, "bad_payload", payload) for topic, payload in bad)
-    details = {bytes(payload): detail for _, _, payload, detail in letters}
-    for _, payload, field in BEYOND_COLUMNS.values():
-        assert f"`{field}`" in details[payload], details[payload]
-    assert query(database, "SELECT count(*) FROM node_events") == [(0,)]
-
-
 def test_a_row_postgresql_refuses_is_dead_lettered_as_store_refused_without_its_payload_in_the_detail(
         hydrod, broker, database):
     # A rule hydrod cannot know of: a constraint an operator added. PostgreSQL refuses
@@ -299,70 +231,6 @@ def test_a_row_postgresql_refuses_is_dead_lettered_as_store_refused_without_its_
 # --- liveness and events -------------------------------------------------------------
 
 
-def test_a_heartbeat_updates_liveness_and_vitals_and_sets_the_node_online(hydrod, broker, database):
-    uid = register_node(broker.port, database, PH_HW)
-    publish(broker.port, [(f"hydro/gh-1/zn-1/{uid}/lwt", "offline")])
-    wait_until(lambda: node(database, uid)["status"] == "offline", 10, "offline after the lwt")
-    assert node(database, uid)["last_heartbeat_at"] is None
-
-    before = utc(time.time() - 1)
-    beat = next(m for m in fixtures().messages if m["topic"].endswith("/heartbeat"))
-    publish(broker.port, [(f"hydro/gh-1/zn-1/{uid}/heartbeat", beat["payload"])])
-    row = wait_until(lambda: (n := node(database, uid))["last_heartbeat_at"] and n, 10, "the heartbeat")
-    assert row["status"] == "online"
-    assert row["last_heartbeat_at"] >= before
-    assert (row["uptime_seconds"], row["free_heap_bytes"], row["rssi"], row["fw_version"]) == (
-        3600, 102000, -62, "1.0.0")
-
-
-def test_status_offline_and_lwt_set_a_node_offline_and_status_online_sets_it_online(
-        hydrod, broker, database):
-    uid = register_node(broker.port, database, PH_HW)
-    status_of = lambda: node(database, uid)["status"]  # noqa: E731
-    assert status_of() == "online"
-    now = int(time.time())
-    topic = f"hydro/gh-1/zn-1/{uid}"
-    steps = [
-        ("status", {"status": "OFFLINE", "ts": now}, "offline"),
-        ("status", {"status": "ONLINE", "ts": now + 1}, "online"),
-        ("lwt", "offline", "offline"),
-        ("status", {"status": "ONLINE", "ts": now + 2}, "online"),
-    ]
-    for kind, payload, expected in steps:
-        publish(broker.port, [(f"{topic}/{kind}", payload, True)])
-        wait_until(lambda: status_of() == expected, 10, f"{kind} {payload} -> {expected}")
-    events = query(database, "SELECT kind FROM node_events ORDER BY id")
-    assert events == [("status",), ("status",), ("lwt",), ("status",)]
-
-
-def test_a_safe_mode_status_is_kept_as_a_status_event_without_crashing(hydrod, broker, database):
-    uid = register_node(broker.port, database, PH_HW)
-    safe = next(m for m in fixtures().messages if m["payload"].get("state") == "safe_mode")
-    publish(broker.port, [(safe["topic"], safe["payload"], True)])
-    rows = wait_until(lambda: query(database, "SELECT n.uid, e.kind, e.payload, e.ts FROM node_events e"
-                                              " JOIN nodes n ON n.id = e.node_id"), 10, "the event")
-    assert rows == [(uid, "status", safe["payload"], utc(1710001234))]
-    # Still working afterwards: a later sample is stored.
-    publish(broker.port, [(telemetry_topic(uid, "after"), sample(ts=1710001300))])
-    wait_until(lambda: samples_on(database, "after"), 10, "a sample after the safe-mode report")
-    assert hydrod.events("actor_failed") == []
-
-
-def test_command_response_and_error_timestamps_in_milliseconds_are_stored_as_seconds(
-        hydrod, broker, database):
-    register_node(broker.port, database, PH_HW)
-    messages = [m for m in fixtures().messages
-                if m["topic"].endswith(("/command_response", "/error"))]
-    assert len(messages) == 2
-    publish(broker.port, [(m["topic"], m["payload"]) for m in messages])
-    rows = wait_until(rows_once(2, database, "SELECT kind, channel, ts, payload FROM node_events"
-                                             " ORDER BY kind"), 10, "two events")
-    assert rows == [
-        ("command_response", "pump_acid", utc(1710003399.123), messages[0]["payload"]),
-        ("error", None, utc(1710001234.0), messages[1]["payload"]),
-    ]
-
-
 def test_a_node_silent_for_offline_after_s_is_marked_offline_and_logged(make_daemon, broker, database):
     daemon = make_daemon(nodes={"offline_after_s": 1.0})
     daemon.wait_ready()
@@ -379,19 +247,6 @@ def test_a_node_silent_for_offline_after_s_is_marked_offline_and_logged(make_dae
     wait_until(lambda: node(database, uid)["status"] == "online", 10, "online again after a hello")
 
 
-def test_a_redelivered_event_is_stored_once_and_a_new_one_is_kept(hydrod, broker, database):
-    register_node(broker.port, database, PH_HW)
-    event = next(m for m in fixtures().messages if m["topic"].endswith("/event"))
-    topic = f"hydro/gh-1/zn-1/{PH_UID}/level_clean_min/event"
-    later = dict(event["payload"], ts=event["payload"]["ts"] + 60, state=False)
-    publish(broker.port, [(topic, event["payload"]), (topic, event["payload"]), (topic, later)])
-    # A sentinel behind them: once it is stored, so is everything before it.
-    publish(broker.port, [(topic, dict(later, ts=later["ts"] + 60))])
-    wait_until(rows_once(3, database, "SELECT 1 FROM node_events WHERE kind = 'event'"), 10, "events")
-    rows = query(database, "SELECT ts, payload FROM node_events WHERE kind = 'event' ORDER BY ts")
-    assert [r[0] for r in rows] == [utc(event["payload"]["ts"]), utc(later["ts"]), utc(later["ts"] + 60)]
-
-
 def test_a_payload_nested_beyond_reason_is_dead_lettered_even_on_the_clock_topic(hydrod, broker, database):
     deep = b'{"message_type":"time_request","x":' + b"[" * 3000 + b"]" * 3000 + b"}"
     with Subscriber(broker.port, "hydro/time/response") as clock:
@@ -406,28 +261,3 @@ def test_a_payload_nested_beyond_reason_is_dead_lettered_even_on_the_clock_topic
     assert answer.json()["message_type"] == "time_response"
 
 
-def test_a_diagnostics_message_is_stored_as_a_node_event(hydrod, broker, database):
-    register_node(broker.port, database, PH_HW)
-    payload = {"ts": 1710001234, "wifi_rssi": -61, "free_heap": 98000, "mqtt_reconnects": 2}
-    publish(broker.port, [(f"hydro/gh-1/zn-1/{PH_UID}/diagnostics", payload)])
-    rows = wait_until(rows_once(1, database, "SELECT n.uid, e.kind, e.payload, e.ts FROM node_events e"
-                                              " JOIN nodes n ON n.id = e.node_id WHERE e.kind = 'diagnostics'"),
-                      10, "the diagnostics event")
-    assert rows == [(PH_UID, "diagnostics", payload, utc(1710001234))]
-    assert dead_letters(database) == []
-
-
-def test_every_heartbeat_is_kept_in_the_history_even_one_byte_for_byte_like_an_earlier_one(
-        hydrod, broker, database):
-    # After a reboot a node can send a heartbeat like an old one: it is a heartbeat all the
-    # same. Only the broker's redelivery is skipped (test_mqtt_session.py).
-    register_node(broker.port, database, PH_HW)
-    topic = f"hydro/gh-1/zn-1/{PH_UID}/heartbeat"
-    beat = {"uptime": 3600, "free_heap": 102000, "rssi": -62, "fw_version": "1.0.0"}
-    publish(broker.port, [(topic, beat), (topic, beat), (topic, dict(beat, uptime=3615))])
-    wait_until(lambda: query(database, "SELECT uptime_seconds FROM nodes")[0][0] == 3615, what="last beat")
-    rows = query(database, "SELECT payload->>'uptime' FROM node_events WHERE kind = 'heartbeat' ORDER BY id")
-    assert rows == [("3600",), ("3600",), ("3615",)]
-    metrics = hydrod.http("GET", "/metrics")[1]
-    assert metric_value(metrics, "hydrod_messages_stored_total", actor="db_writer") == 3
-    assert metric_value(metrics, "hydrod_messages_duplicate_total", kind="heartbeat") is None

@@ -36,12 +36,11 @@ def write(migrated):
 
 
 def hello(seq, **fields):
-    return routed(seq, "node_hello", {**HELLO, **fields}, node="node_hello", gh="", zone="", channel=None)
+    return routed(seq, "hydro/node_hello", {**HELLO, **fields})
 
 
 def report(seq, gh="gh-temp", zone="zn-temp", node=HW, **payload):
-    return routed(seq, "config_report", {"node_id": node, "channels": [], **payload}, node=node, gh=gh, zone=zone,
-                  channel=None)
+    return routed(seq, f"hydro/{gh}/{zone}/{node}/config_report", {"node_id": node, "channels": [], **payload})
 
 
 def test_a_hello_registers_its_node_and_says_so_only_once_committed(registry, write, migrated):
@@ -66,7 +65,7 @@ def test_a_report_before_its_hello_is_held_and_applied_by_the_hello_in_the_same_
 
 
 def test_a_bad_hello_is_refused_and_the_rest_of_its_batch_registers(registry, write, migrated):
-    bad = routed(0, "node_hello", {"message_type": "node_hello"}, node="node_hello", gh="", zone="", channel=None)
+    bad = routed(0, "hydro/node_hello", {"message_type": "node_hello"})
     written = write(registry, [bad, hello(1)])
     assert [(r.item.seq, r.reason) for r in written.refused] == [(0, "bad_payload")]
     assert query(migrated, "SELECT uid FROM nodes") == [(UID,)]
