@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import faulthandler
 import json
 import os
 import signal
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import psycopg
 import structlog
 
 from . import logs, settings as settings_module, store
+from .client import ApiClient, node_path
 from .errors import ConfigError, HydrodError, unexpected
 
 
@@ -38,6 +37,16 @@ def main(argv: list[str] | None = None, fault_hook=None) -> int:
         "simulate", help="run virtual firmware nodes against the broker (SPEC §9)",
         description="Virtual firmware nodes, each on its own MQTT connection, until --duration "
                     "or Ctrl-C; then a summary. Broker settings come from [mqtt] unless given here."))
+    history = commands.add_parser("history", help="a node's telemetry over a range, from the daemon's HTTP API")
+    history.add_argument("uid")
+    history.add_argument("metric", help="metric type, e.g. PH")
+    history.add_argument("--channel", help="needed when the node has the metric on several channels")
+    history.add_argument("--from", dest="start", metavar="T",
+                         help="ISO 8601 or Unix seconds (default: a day before --to)")
+    history.add_argument("--to", dest="end", metavar="T", help="ISO 8601 or Unix seconds (default: now)")
+    history.add_argument("--step", default="auto", help="raw, 1m, 1h, 1d or auto (default: the finest with "
+                                                        "at most 2,000 points)")
+    history.add_argument("--csv", action="store_true", help="CSV with a header, instead of a table")
     for sub in commands.choices.values():
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -158,14 +167,17 @@ def nodes(config, args) -> int:
         for row in rows:
             print(json.dumps(row, default=str))
         return 0
-    columns = ("uid", "hardware_id", "type", "status", "lifecycle_state", "gh_uid", "zone_uid", "last_seen_at")
-    table = [[_cell(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for line in table:
-        print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+    _table(("uid", "hardware_id", "type", "status", "lifecycle_state", "gh_uid", "zone_uid", "last_seen_at"), rows)
     print(f"{len(rows)} node(s)")
     return 0
+
+
+def _table(columns: tuple[str, ...], rows: list[dict]) -> None:
+    table = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for line in table:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
 
 
 def _cell(value) -> str:
@@ -178,26 +190,30 @@ def _cell(value) -> str:
 
 def push_config(config, args) -> int:
     """Ask the running daemon to push: it owns the broker link and the push history."""
-    from .errors import HydrodError as Failure
-
     raw = sys.stdin.buffer.read() if args.file == "-" else _read(Path(args.file))
-    http = config.http
-    if not http.enabled:
-        raise Failure("push-config goes through the daemon's HTTP API, and http.enabled is false")
-    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-    uid = urllib.parse.quote(args.uid, safe="")
-    request = urllib.request.Request(f"http://{host}:{http.port}/api/nodes/{uid}/config", data=raw,
-                                     method="POST", headers={"Content-Type": "application/json"})
-    if http.token.get_secret_value():
-        request.add_header("Authorization", f"Bearer {http.token.get_secret_value()}")
-    try:
-        with urllib.request.urlopen(request, timeout=15) as response:
-            print(response.read().decode())
-            return 0
-    except urllib.error.HTTPError as exc:
-        raise Failure(f"push refused ({exc.code}): {exc.read().decode(errors='replace')}") from None
-    except OSError as exc:
-        raise Failure(f"cannot reach hydrod at {host}:{http.port}: {exc}") from None
+    api = ApiClient(config.http, "push-config")
+    print(api.request("POST", node_path(args.uid, "config"), body=raw, refused="push refused").decode())
+    return 0
+
+
+POINT_FIELDS = ("ts", "avg", "min", "max", "count")
+
+
+def history(config, args) -> int:
+    """Through the daemon's API, which owns the choice of table (SPEC §8)."""
+    params = {"metric": args.metric, "step": args.step, "channel": args.channel, "from": args.start, "to": args.end}
+    answer = ApiClient(config.http, "history").get_json(
+        node_path(args.uid, "telemetry"), {k: v for k, v in params.items() if v is not None},
+        refused="history refused")
+    if args.csv:
+        out = csv.DictWriter(sys.stdout, POINT_FIELDS, extrasaction="ignore", lineterminator="\n")
+        out.writeheader()
+        out.writerows(answer["points"])
+        return 0
+    _table(POINT_FIELDS, answer["points"])
+    print(f"{len(answer['points'])} point(s), {args.metric} on channel {answer['channel'] or '-'}, "
+          f"step {answer['step']}, {answer['from']} to {answer['to']}")
+    return 0
 
 
 def _read(path: Path) -> bytes:
@@ -208,4 +224,4 @@ def _read(path: Path) -> bytes:
 
 
 COMMANDS = {"run": run, "migrate": migrate, "check-config": check_config, "nodes": nodes,
-            "push-config": push_config, "simulate": simulate}
+            "push-config": push_config, "simulate": simulate, "history": history}

@@ -14,7 +14,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,9 +26,11 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from .. import protocol
+from ..core import telemetry_query
 from ..core.configs import PushRefused
 from ..core.database import open_pool
 from ..core.reads import POOL_SIZE, Reads
+from ..core.telemetry_query import BadQuery
 from ..settings import HttpSettings
 from .base import ActorUnavailable, Address, Context, Health, SupervisedActor
 from .config_publisher import push_config
@@ -60,6 +62,8 @@ class Api:
             Rule("/api/nodes", endpoint="nodes", methods=["GET"]),
             Rule("/api/nodes/<uid>", endpoint="node", methods=["GET"]),
             Rule("/api/nodes/<uid>/config", endpoint="push", methods=["POST"]),
+            Rule("/api/nodes/<uid>/telemetry", endpoint="telemetry", methods=["GET"]),
+            Rule("/api/nodes/<uid>/telemetry/last", endpoint="telemetry_last", methods=["GET"]),
             Rule("/healthz", endpoint="healthz", methods=["GET"]),
             Rule("/metrics", endpoint="metrics", methods=["GET"]),
         ])
@@ -88,7 +92,7 @@ class Api:
             # A web page the grower opens must not push configs, token or not.
             return _json({"error": f"cross-origin request refused: Origin {request.headers['Origin']!r} "
                                    f"is not this API's own ({request.host})"}, 403)
-        if endpoint in ("nodes", "node", "push") and not self._authorised(request):
+        if endpoint not in OPEN and not self._authorised(request):
             response = _json({"error": "missing or wrong bearer token"}, 401)
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
@@ -136,6 +140,26 @@ class Api:
             return _json({"error": exc.message}, exc.status)
         return _json({"node_uid": result.node_uid, "version": result.version, "topic": result.topic,
                       "status": result.status}, 202)
+
+    def on_telemetry(self, request: Request, uid: str) -> Response:
+        try:
+            query = telemetry_query.parse_query(request.args)
+            series = self.reads.telemetry(uid, query) if _UID.fullmatch(uid) else None
+        except BadQuery as exc:
+            return _json({"error": exc.message, "parameter": exc.parameter}, 400)
+        if series is None:
+            raise NotFound(f"no node with uid {uid}")
+        head = json.dumps({"node_uid": uid, "metric": query.metric, "channel": series.channel,
+                           "from": _utc(query.start), "to": _utc(query.end), "step": series.step})
+        # The points as PostgreSQL wrote them: numbers and times under fixed keys.
+        body = f'{head[:-1]}, "points": {series.points_json}}}'
+        return Response(body, mimetype="application/json")
+
+    def on_telemetry_last(self, request: Request, uid: str) -> Response:
+        found = self.reads.telemetry_last(uid) if _UID.fullmatch(uid) else None
+        if found is None:
+            raise NotFound(f"no node with uid {uid}")
+        return _json({"node_uid": uid, "values": found})
 
     def on_healthz(self, request: Request) -> Response:
         """Failing: an actor being restarted or stalled on one message, or the resource
@@ -234,8 +258,16 @@ _UID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # anything else names no node
 _log = structlog.get_logger("hydrod", actor="http_api")
 
 
+# Served without the bearer token: probes.
+OPEN = frozenset({"healthz", "metrics"})
+
+
 def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(without_secrets(data), default=_encode), status=status, mimetype="application/json")
+
+
+def _utc(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
 
 
 def _encode(value: Any) -> Any:

@@ -12,6 +12,8 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 
 from .. import store
+from . import telemetry_query
+from .telemetry_query import Series, TelemetryQuery
 
 POOL_SIZE = (1, 2)  # (min, max): a few operators' requests at a time
 
@@ -30,6 +32,18 @@ class Reads:
         with self.pool.connection(timeout=self.timeout) as conn:
             found = store.list_nodes(conn, uid)
         return found[0] if found else None
+
+    def telemetry(self, uid: str, query: TelemetryQuery) -> Series | None:
+        """A node's points (SPEC §8); None for an unknown node."""
+        with self.pool.connection(timeout=self.timeout) as conn:
+            node = telemetry_query.node_id(conn, uid)
+            return None if node is None else telemetry_query.points(conn, node, query)
+
+    def telemetry_last(self, uid: str) -> list[dict[str, Any]] | None:
+        """A node's latest value of each channel and metric; None for an unknown node."""
+        with self.pool.connection(timeout=self.timeout) as conn:
+            node = telemetry_query.node_id(conn, uid)
+            return None if node is None else telemetry_query.latest(conn, node)
 
     def close(self) -> None:
         self.pool.close(timeout=2)

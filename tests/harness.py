@@ -983,11 +983,11 @@ def register_node(port: int, dsn: str, hardware_id: str, node_type: str = "ph",
 
 
 def bind_node(daemon: Daemon, port: int, dsn: str, uid: str, gh: str = "gh-1", zone: str = "zn-1",
-              timeout: float = 10.0) -> None:
+              timeout: float = 10.0, token: str | None = None) -> None:
     """Push a config naming gh/zone over HTTP, answer as the node would (config_report
     from its new namespace) and wait until the node is bound there."""
     status, body = daemon.http("POST", f"/api/nodes/{uid}/config",
-                               json={"channels": [], "gh_uid": gh, "zone_uid": zone})
+                               json={"channels": [], "gh_uid": gh, "zone_uid": zone}, token=token)
     assert status == 202, (status, body)
     report = {"node_id": uid, "version": body["version"], "type": "ph", "channels": [],
               "gh_uid": gh, "zone_uid": zone, "mqtt": {"configured": True}}
@@ -1075,3 +1075,29 @@ def routed(seq: int, topic: str, payload: Any, received_at: float | None = None,
     from hydrod import protocol
     return protocol.classify(seq, topic, encode_payload(payload), time.time() if received_at is None else received_at,
                              mid=mid, dup=dup)
+
+
+# ------------------------------------------------------------------ history --
+
+ROLLUPS = {"telemetry_1m": "minute", "telemetry_1h": "hour", "telemetry_1d": "day"}
+
+
+def fill_rollups(dsn: str) -> None:
+    """Fill the rollup tables (SPEC §8) from the raw samples with plain SQL: each
+    bucket's count, min, max, avg, last and last_ts over its raw rows, buckets in UTC.
+    Makes the tables when the schema does not have them yet."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table, unit in ROLLUPS.items():
+            conn.execute(f"""CREATE TABLE IF NOT EXISTS {table} (
+                node_id bigint NOT NULL, channel text NOT NULL, metric_type text NOT NULL,
+                bucket timestamptz NOT NULL, count bigint NOT NULL, min double precision NOT NULL,
+                max double precision NOT NULL, avg double precision NOT NULL, last double precision NOT NULL,
+                last_ts timestamptz NOT NULL, PRIMARY KEY (node_id, channel, metric_type, bucket))""")
+            conn.execute(f"""INSERT INTO {table} AS r
+                (node_id, channel, metric_type, bucket, count, min, max, avg, last, last_ts)
+                SELECT node_id, channel, metric_type, date_trunc('{unit}', ts, 'UTC'), count(*), min(value),
+                       max(value), avg(value), (array_agg(value ORDER BY ts DESC))[1], max(ts)
+                FROM telemetry_samples GROUP BY 1, 2, 3, 4
+                ON CONFLICT (node_id, channel, metric_type, bucket) DO UPDATE SET count = excluded.count,
+                    min = excluded.min, max = excluded.max, avg = excluded.avg, last = excluded.last,
+                    last_ts = excluded.last_ts""")
