@@ -123,8 +123,8 @@ def points(conn: psycopg.Connection, node: int, query: TelemetryQuery) -> Series
     with conn.transaction():
         conn.execute("SET LOCAL TimeZone = 'UTC'")  # the points' ts as ...+00:00
         found, points_json = conn.execute(
-            "SELECT count(*), coalesce(json_agg(json_build_object('ts', ts, 'avg', avg, 'min', min, 'max', max,"
-            f" 'count', count) ORDER BY ts), '[]')::text FROM ({_select(step)}) AS p",
+            # A row to JSON: its columns (ts, avg, min, max, count) are the point's keys.
+            f"SELECT count(*), coalesce(json_agg(p ORDER BY p.ts), '[]')::text FROM ({_select(step)}) AS p",
             (*key, *_bounds(step, query.start, query.end), limit + 1)).fetchone()
     if found > limit:  # only an explicit step gets here: auto chose one that fits
         raise TooManyPoints(step)
