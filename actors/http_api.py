@@ -26,7 +26,7 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from .. import protocol
-from ..core import telemetry_query
+from ..core import page, telemetry_query
 from ..core.configs import PushRefused
 from ..core.database import open_pool
 from ..core.reads import POOL_SIZE, Reads
@@ -64,6 +64,8 @@ class Api:
             Rule("/api/nodes/<uid>/config", endpoint="push", methods=["POST"]),
             Rule("/api/nodes/<uid>/telemetry", endpoint="telemetry", methods=["GET"]),
             Rule("/api/nodes/<uid>/telemetry/last", endpoint="telemetry_last", methods=["GET"]),
+            Rule("/", endpoint="page", methods=["GET"]),
+            Rule("/static/<name>", endpoint="static", methods=["GET"]),
             Rule("/healthz", endpoint="healthz", methods=["GET"]),
             Rule("/metrics", endpoint="metrics", methods=["GET"]),
         ])
@@ -160,6 +162,12 @@ class Api:
         if found is None:
             raise NotFound(f"no node with uid {uid}")
         return _json({"node_uid": uid, "values": found})
+
+    def on_page(self, request: Request) -> Response:
+        return page.response(request, "index.html")
+
+    def on_static(self, request: Request, name: str) -> Response:
+        return page.response(request, name)
 
     def on_healthz(self, request: Request) -> Response:
         """Failing: an actor being restarted or stalled on one message, or the resource
@@ -258,8 +266,9 @@ _UID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # anything else names no node
 _log = structlog.get_logger("hydrod", actor="http_api")
 
 
-# Served without the bearer token: probes.
-OPEN = frozenset({"healthz", "metrics"})
+# Served without the bearer token: probes, and the page and its files, which hold no
+# data (the page's own requests to the API carry the token).
+OPEN = frozenset({"healthz", "metrics", "page", "static"})
 
 
 def _json(data: Any, status: int = 200) -> Response:

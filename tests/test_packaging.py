@@ -44,6 +44,11 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_help_and_migrate(tmp_path, dat
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(fresh_site), where.stdout
 
+    # The page and everything it loads (SPEC §8: no CDN), with the chart library's licence.
+    shipped_web = sorted(path.name for path in (ROOT / "web").iterdir())
+    assert sorted(path.name for path in (fresh_site / "hydrod" / "web").iterdir()) == shipped_web
+    assert {"index.html", "app.js", "uPlot.iife.min.js", "uPlot.LICENSE"} <= set(shipped_web)
+
     helped = run(fresh / "bin" / "hydrod", "--help", cwd=tmp_path)
     assert helped.returncode == 0 and "usage: hydrod" in helped.stdout, helped.stderr
 
