@@ -52,6 +52,7 @@ TARGETS = {
     "startup": "none set",
     "hello_burst": "peak_rss_mb <= 150",
     "refused": "every phase drains at least half as fast as the valid one",
+    "history_query": "step=auto for 30 days p50 <= 50 ms, step=raw for one day p50 <= 200 ms",
 }
 
 
@@ -954,6 +955,111 @@ def scenario_hello_burst(pg: PgServer, args: argparse.Namespace, code: Code | No
     }
 
 
+# -------------------------------------------------------------------- history_query --
+
+HISTORY_DAYS, HISTORY_EVERY_S = 30, 10  # 259,200 samples of one metric
+
+
+def load_history(conn: psycopg.Connection, uid: str, end: int) -> int:
+    """30 days of PH at one sample per 10 s, up to `end`, written by SQL (the drain is
+    not what is measured here), with telemetry_last and the rollups filled."""
+    from harness import fill_rollups
+
+    start = end - HISTORY_DAYS * 86400
+    conn.execute(
+        "INSERT INTO telemetry_samples (node_id, channel, metric_type, value, ts, received_at)"
+        " SELECT n.id, %s, 'PH', 5.9 + 0.3 * sin(s / 3600.0) + random() * 0.05, to_timestamp(s), to_timestamp(s)"
+        " FROM nodes n, generate_series(%s::bigint, %s::bigint, %s::bigint) AS s WHERE n.uid = %s",
+        (CHANNEL, start + HISTORY_EVERY_S, end, HISTORY_EVERY_S, uid))
+    conn.execute(
+        "INSERT INTO telemetry_last (node_id, channel, metric_type, value, ts, received_at)"
+        " SELECT node_id, channel, metric_type, value, ts, received_at FROM telemetry_samples"
+        " ORDER BY ts DESC LIMIT 1 ON CONFLICT (node_id, channel, metric_type) DO UPDATE"
+        " SET value = excluded.value, ts = excluded.ts, received_at = excluded.received_at")
+    fill_rollups(conn.info.dsn)
+    conn.execute("VACUUM ANALYZE")
+    return count(conn, "telemetry_samples")
+
+
+def time_gets(port: int, paths: list[str], token: str | None = None) -> tuple[list[float], bytes]:
+    """Each GET's time from sending it to the last byte of the answer, on one kept-alive
+    connection; and the last answer."""
+    import http.client
+
+    client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    times, body = [], b""
+    for path in paths:
+        t0 = time.perf_counter()
+        client.request("GET", path, headers=headers)
+        answer = client.getresponse()
+        body = answer.read()
+        times.append((time.perf_counter() - t0) * 1000)
+        if answer.status != 200:
+            raise RuntimeError(f"GET {path}: {answer.status} {body[:300]!r}")
+    client.close()
+    return times, body
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    cuts = percentiles(times)
+    p50, p99 = cuts[49], cuts[98]
+    return {"p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "requests": len(times)}
+
+
+def scenario_history_query(pg: PgServer, args: argparse.Namespace, code: Code | None = None) -> dict[str, Any]:
+    import random
+    from urllib.parse import urlencode
+
+    with Bench(pg, "history", args.keep, code) as bench, bench.connect() as conn:
+        daemon = bench.daemon()
+        daemon.start()
+        daemon.wait_ready(60)
+        [uid] = register_nodes(bench, conn, 1, prefix="h")
+        end = int(time.time()) // 3600 * 3600
+        t0 = time.monotonic()
+        samples = load_history(conn, uid, end)
+        say(f"history_query: {samples} samples and their rollups loaded in {time.monotonic() - t0:.1f}s")
+        port = daemon.config["http"]["port"]
+        base = f"/api/nodes/{uid}/telemetry?"
+        month = base + urlencode({"metric": "PH", "from": end - HISTORY_DAYS * 86400, "to": end, "step": "auto"})
+        days = [end - (d + 1) * 86400 for d in range(HISTORY_DAYS)]
+        raw_days = [base + urlencode({"metric": "PH", "from": day, "to": day + 86400 - 1, "step": "raw"})
+                    for day in random.Random(7).choices(days, k=args.history_raw_queries)]
+        time_gets(port, [month] * 5 + raw_days[:3])  # warm: the pool's connections, the page cache
+        # The reference, in the same run: the API's cheapest read (one row by primary key).
+        reference, _ = time_gets(port, [f"/api/nodes/{uid}/telemetry/last"] * args.history_queries)
+        auto, auto_body = time_gets(port, [month] * args.history_queries)
+        raw, raw_body = time_gets(port, raw_days)
+        # What the month would cost without rollups: the same hourly points computed from
+        # the raw rows by PostgreSQL alone (no HTTP, no JSON).
+        without = []
+        for _ in range(3):
+            t1 = time.perf_counter()
+            conn.execute("SELECT date_trunc('hour', ts), avg(value), min(value), max(value), count(*)"
+                         " FROM telemetry_samples WHERE ts > to_timestamp(%s) AND ts <= to_timestamp(%s)"
+                         " GROUP BY 1 ORDER BY 1", (end - HISTORY_DAYS * 86400, end)).fetchall()
+            without.append((time.perf_counter() - t1) * 1000)
+        status = proc_status(daemon.pid)
+        daemon.terminate()
+    auto_answer, raw_answer = json.loads(auto_body), json.loads(raw_body)
+    auto_s, raw_s, ref_s = summary(auto), summary(raw), summary(reference)
+    return {
+        "scenario": "history_query", "messages": samples, "seconds": None,
+        "rate_per_s": None, "reference_rate_per_s": None, "ratio": None,
+        "p50_ms": auto_s["p50_ms"], "p99_ms": auto_s["p99_ms"],
+        "auto_month": {**auto_s, "step": auto_answer["step"], "points": len(auto_answer["points"]),
+                       "ratio_p50_to_reference": round(auto_s["p50_ms"] / ref_s["p50_ms"], 2)},
+        "raw_day": {**raw_s, "step": raw_answer["step"], "points": len(raw_answer["points"]),
+                    "ratio_p50_to_reference": round(raw_s["p50_ms"] / ref_s["p50_ms"], 2)},
+        "reference_telemetry_last": ref_s,
+        "month_from_raw_sql_ms": round(statistics.median(without), 1),
+        "peak_rss_mb": round(status["VmHWM"] / 1024, 1), "lost": None,
+        "target": TARGETS["history_query"],
+        "target_met": bool(auto_s["p50_ms"] <= 50 and raw_s["p50_ms"] <= 200),
+    }
+
+
 # ----------------------------------------------------------------------------- main --
 
 def checkout_state() -> dict[str, Any]:
@@ -963,7 +1069,7 @@ def checkout_state() -> dict[str, Any]:
             "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
-SCENARIOS = ("drain", "live", "startup", "hello_burst", "refused")
+SCENARIOS = ("drain", "live", "startup", "hello_burst", "refused", "history_query")
 # What --reference compares, per scenario: the figure, and whether higher is better.
 COMPARED = {"drain": ("rate_per_s", True), "hello_burst": ("rate_per_s", True),
             "startup": ("seconds", False), "live": ("p99_ms", False)}
@@ -988,6 +1094,8 @@ def _run_scenario(name: str, pg: PgServer, args: argparse.Namespace, reference: 
             return scenario_startup(pg, args, code)
         if name == "refused":
             return scenario_refused(pg, args, code)
+        if name == "history_query":
+            return scenario_history_query(pg, args, code)
         return scenario_hello_burst(pg, args, code)
     except Exception as exc:  # one scenario failing does not hide the others
         return {"scenario": name, "error": f"{type(exc).__name__}: {exc}"[:4000]}
@@ -1056,6 +1164,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(reference, checkout, reference, checkout ...) and print the ratio")
     parser.add_argument("--rounds", type=int, default=2,
                         help="--reference: runs of each (2)")
+    parser.add_argument("--history-queries", type=int, default=200,
+                        help="history_query: requests for the month (step=auto) and the reference (200)")
+    parser.add_argument("--history-raw-queries", type=int, default=50,
+                        help="history_query: requests for one day's raw samples (50)")
     parser.add_argument("--profile", type=Path, default=None, metavar="RAW_FILE",
                         help="drain and live: record hydrod with py-spy (folded stacks to RAW_FILE, "
                              "RAW_FILE.live for live) and report the top functions by own time")
