@@ -36,8 +36,7 @@ class Reads:
     def telemetry(self, uid: str, query: TelemetryQuery) -> Series | None:
         """A node's points (SPEC §8); None for an unknown node."""
         with self.pool.connection(timeout=self.timeout) as conn:
-            node = telemetry_query.node_id(conn, uid)
-            return None if node is None else telemetry_query.points(conn, node, query)
+            return telemetry_query.points(conn, uid, query)
 
     def telemetry_last(self, uid: str) -> list[dict[str, Any]] | None:
         """A node's latest value of each channel and metric; None for an unknown node."""

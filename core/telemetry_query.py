@@ -110,48 +110,55 @@ def node_id(conn: psycopg.Connection, uid: str) -> int | None:
     return row[0] if row else None
 
 
-def points(conn: psycopg.Connection, node: int, query: TelemetryQuery) -> Series:
-    """The points of one series: for `raw` one per sample (avg = min = max = value,
-    count 1), for a rollup step one per bucket overlapping the range, stamped with the
-    bucket's start."""
-    channel = query.channel or _only_channel(conn, node, query.metric)
+def points(conn: psycopg.Connection, uid: str, query: TelemetryQuery) -> Series | None:
+    """The points of one series of node `uid` (None when there is no such node): for
+    `raw` one per sample (avg = min = max = the value, count 1), for a rollup step one
+    per bucket overlapping the range, stamped with the bucket's start. Three round
+    trips at most: the node and its channels, the counts `auto` needs, the points."""
+    found = conn.execute(
+        "SELECT id, array(SELECT channel FROM telemetry_last WHERE node_id = nodes.id AND metric_type = %s"
+        " ORDER BY channel) FROM nodes WHERE uid = %s", (query.metric, uid)).fetchone()
+    if found is None:
+        return None
+    node, channels = found
+    if query.channel is None and len(channels) > 1:
+        raise AmbiguousChannel(query.metric, channels)
+    channel = query.channel or (channels[0] if channels else None)
     if channel is None:  # the node never sent this metric
         return Series(None, "raw" if query.step == "auto" else query.step, 0, "[]")
     key = (node, channel, query.metric)
     step = query.step if query.step != "auto" else _auto_step(conn, key, query.start, query.end)
     limit = MAX_POINTS if query.step != "auto" else AUTO_MAX_POINTS
-    with conn.transaction():
-        conn.execute("SET LOCAL TimeZone = 'UTC'")  # the points' ts as ...+00:00
-        found, points_json = conn.execute(
-            # A row to JSON: its columns (ts, avg, min, max, count) are the point's keys.
-            f"SELECT count(*), coalesce(json_agg(p ORDER BY p.ts), '[]')::text FROM ({_select(step)}) AS p",
-            (*key, *_bounds(step, query.start, query.end), limit + 1)).fetchone()
-    if found > limit:  # only an explicit step gets here: auto chose one that fits
+    # A row to JSON: its columns (ts, avg, min, max, count) are the point's keys; ts
+    # as ISO 8601 text in UTC whatever the session's TimeZone (text that sorts in
+    # time order).
+    count, points_json = conn.execute(
+        "SELECT count(*), coalesce(json_agg(p ORDER BY p.ts), '[]')::text FROM (SELECT"
+        " (to_json(ts AT TIME ZONE 'UTC') #>> '{}') || '+00:00' AS ts, avg, min, max, count"
+        f" FROM ({_select(step)}) AS found) AS p",
+        (*key, *_bounds(step, query.start, query.end), limit + 1)).fetchone()
+    if count > limit:  # only an explicit step gets here: auto chose one that fits
         raise TooManyPoints(step)
-    return Series(channel, step, found, points_json)
-
-
-def _only_channel(conn: psycopg.Connection, node: int, metric: str) -> str | None:
-    channels = [row[0] for row in conn.execute(
-        "SELECT channel FROM telemetry_last WHERE node_id = %s AND metric_type = %s ORDER BY channel",
-        (node, metric))]
-    if len(channels) > 1:
-        raise AmbiguousChannel(metric, channels)
-    return channels[0] if channels else None
+    return Series(channel, step, count, points_json)
 
 
 def _auto_step(conn: psycopg.Connection, key: tuple[int, str, str], start: datetime, end: datetime) -> str:
     """The finest step with at most AUTO_MAX_POINTS points over the range. A rollup
-    step that cannot have more buckets than that is taken without counting; the
-    others are counted, reading at most AUTO_MAX_POINTS + 1 index entries."""
+    step that cannot have more buckets than that is taken without counting; the finer
+    ones are counted in one statement, each reading at most AUTO_MAX_POINTS + 1 index
+    entries."""
+    counted = []
     for step in STEPS:
         width = WIDTH[step]
         if width is not None and (end - start) / width + 1 <= AUTO_MAX_POINTS:
-            return step
-        (found,) = conn.execute(_count(step), (*key, *_bounds(step, start, end), AUTO_MAX_POINTS + 1)).fetchone()
+            break
+        counted.append(step)
+    params = [value for step in counted for value in (*key, *_bounds(step, start, end), AUTO_MAX_POINTS + 1)]
+    counts = conn.execute("SELECT " + ", ".join(f"({_count(step)})" for step in counted), params).fetchone()
+    for step, found in zip(counted, counts):
         if found <= AUTO_MAX_POINTS:
             return step
-    return STEPS[-1]  # more than 2,000 days of data: still the coarsest table
+    return STEPS[min(len(counted), len(STEPS) - 1)]  # the next one, or 1d for over 2,000 days of data
 
 
 def _bounds(step: str, start: datetime, end: datetime) -> tuple[datetime, datetime]:

@@ -20,6 +20,7 @@ START = datetime(2026, 2, 1, tzinfo=UTC)
 def conn(database):
     with psycopg.connect(database, autocommit=True) as conn:
         store.migrate(conn)
+        conn.execute("SET TimeZone = 'America/Sao_Paulo'")  # the answers are in UTC whatever the session's
         conn.execute("INSERT INTO nodes (uid, hardware_id) VALUES ('nd-a', 'hw-a'), ('nd-b', 'hw-b')")
         yield conn
 
@@ -48,7 +49,7 @@ def node(conn, uid):
 
 def points(conn, uid, query):
     """tq.points' series, its points parsed (their ts as datetimes, checked to be in UTC)."""
-    series = tq.points(conn, node(conn, uid), query)
+    series = tq.points(conn, uid, query)
     parsed = json.loads(series.points_json)
     assert series.count == len(parsed) and all(p["ts"].endswith("+00:00") for p in parsed)
     return series, [{**p, "ts": datetime.fromisoformat(p["ts"])} for p in parsed]
@@ -137,16 +138,15 @@ def test_an_explicit_step_past_the_point_limit_is_refused_naming_the_step(conn, 
     samples(conn, "nd-a", "ph_sensor", "PH", every(10, 20))
     monkeypatch.setattr(tq, "MAX_POINTS", 10)
     with pytest.raises(BadQuery) as refused:
-        tq.points(conn, node(conn, "nd-a"), TelemetryQuery("PH", None, START, START + timedelta(hours=1), "raw"))
+        tq.points(conn, "nd-a", TelemetryQuery("PH", None, START, START + timedelta(hours=1), "raw"))
     assert refused.value.parameter == "step" and "more than 10 points" in refused.value.message
 
 
 def test_a_metric_on_several_channels_needs_the_channel_named(conn):
     samples(conn, "nd-a", "water", "TEMPERATURE", every(10, 3))
     samples(conn, "nd-a", "air", "TEMPERATURE", every(10, 5))
-    nd = node(conn, "nd-a")
     with pytest.raises(BadQuery) as refused:
-        tq.points(conn, nd, TelemetryQuery("TEMPERATURE", None, START, START + timedelta(hours=1), "raw"))
+        tq.points(conn, "nd-a", TelemetryQuery("TEMPERATURE", None, START, START + timedelta(hours=1), "raw"))
     assert refused.value.parameter == "channel" and "air, water" in refused.value.message
     series, found = points(conn, "nd-a", TelemetryQuery("TEMPERATURE", "air", START, START + timedelta(hours=1), "raw"))
     assert len(found) == 5 and series.channel == "air"
@@ -155,6 +155,7 @@ def test_a_metric_on_several_channels_needs_the_channel_named(conn):
 def test_a_metric_the_node_never_sent_has_no_points(conn):
     series, found = points(conn, "nd-a", TelemetryQuery("EC", None, START, NOW, "auto"))
     assert (series.channel, found) == (None, [])
+    assert tq.points(conn, "nd-nobody", TelemetryQuery("PH", None, START, NOW, "auto")) is None
     assert tq.node_id(conn, "nd-nobody") is None
 
 
