@@ -961,14 +961,16 @@ HISTORY_DAYS, HISTORY_EVERY_S = 30, 10  # 259,200 samples of one metric
 
 
 def load_history(conn: psycopg.Connection, uid: str, end: int) -> int:
-    """30 days of PH at one sample per 10 s, up to `end`, written by SQL (the drain is
+    """30 days of PH at one sample per 10 s, up to `end`, with two decimals as the
+    firmware sends them (`"value":5.86`), written by SQL (the drain is
     not what is measured here), with telemetry_last and the rollups filled."""
     from harness import fill_rollups
 
     start = end - HISTORY_DAYS * 86400
     conn.execute(
         "INSERT INTO telemetry_samples (node_id, channel, metric_type, value, ts, received_at)"
-        " SELECT n.id, %s, 'PH', 5.9 + 0.3 * sin(s / 3600.0) + random() * 0.05, to_timestamp(s), to_timestamp(s)"
+        " SELECT n.id, %s, 'PH', round((5.9 + 0.3 * sin(s / 3600.0) + random() * 0.05)::numeric, 2), to_timestamp(s),"
+        " to_timestamp(s)"
         " FROM nodes n, generate_series(%s::bigint, %s::bigint, %s::bigint) AS s WHERE n.uid = %s",
         (CHANNEL, start + HISTORY_EVERY_S, end, HISTORY_EVERY_S, uid))
     conn.execute(
@@ -1024,8 +1026,9 @@ def scenario_history_query(pg: PgServer, args: argparse.Namespace, code: Code | 
         base = f"/api/nodes/{uid}/telemetry?"
         month = base + urlencode({"metric": "PH", "from": end - HISTORY_DAYS * 86400, "to": end, "step": "auto"})
         days = [end - (d + 1) * 86400 for d in range(HISTORY_DAYS)]
+        chosen = random.Random(7).choices(days, k=args.history_raw_queries)
         raw_days = [base + urlencode({"metric": "PH", "from": day, "to": day + 86400 - 1, "step": "raw"})
-                    for day in random.Random(7).choices(days, k=args.history_raw_queries)]
+                    for day in chosen]
         time_gets(port, [month] * 5 + raw_days[:3])  # warm: the pool's connections, the page cache
         # The reference, in the same run: the API's cheapest read (one row by primary key).
         reference, _ = time_gets(port, [f"/api/nodes/{uid}/telemetry/last"] * args.history_queries)
@@ -1040,6 +1043,14 @@ def scenario_history_query(pg: PgServer, args: argparse.Namespace, code: Code | 
                          " FROM telemetry_samples WHERE ts > to_timestamp(%s) AND ts <= to_timestamp(%s)"
                          " GROUP BY 1 ORDER BY 1", (end - HISTORY_DAYS * 86400, end)).fetchall()
             without.append((time.perf_counter() - t1) * 1000)
+        # The same days' raw rows read by PostgreSQL alone (psycopg, no HTTP, no JSON).
+        day_sql = []
+        for day in chosen[:10]:
+            t1 = time.perf_counter()
+            conn.execute("SELECT ts, value FROM telemetry_samples WHERE node_id = (SELECT id FROM nodes WHERE uid = %s)"
+                         " AND channel = %s AND metric_type = 'PH' AND ts >= to_timestamp(%s)"
+                         " AND ts <= to_timestamp(%s) ORDER BY ts", (uid, CHANNEL, day, day + 86400 - 1)).fetchall()
+            day_sql.append((time.perf_counter() - t1) * 1000)
         status = proc_status(daemon.pid)
         daemon.terminate()
     auto_answer, raw_answer = json.loads(auto_body), json.loads(raw_body)
@@ -1051,7 +1062,9 @@ def scenario_history_query(pg: PgServer, args: argparse.Namespace, code: Code | 
         "auto_month": {**auto_s, "step": auto_answer["step"], "points": len(auto_answer["points"]),
                        "ratio_p50_to_reference": round(auto_s["p50_ms"] / ref_s["p50_ms"], 2)},
         "raw_day": {**raw_s, "step": raw_answer["step"], "points": len(raw_answer["points"]),
-                    "ratio_p50_to_reference": round(raw_s["p50_ms"] / ref_s["p50_ms"], 2)},
+                    "bytes": len(raw_body), "ratio_p50_to_reference": round(raw_s["p50_ms"] / ref_s["p50_ms"], 2),
+                    "sql_only_p50_ms": round(statistics.median(day_sql), 2),
+                    "ratio_p50_to_sql_only": round(raw_s["p50_ms"] / statistics.median(day_sql), 2)},
         "reference_telemetry_last": ref_s,
         "month_from_raw_sql_ms": round(statistics.median(without), 1),
         "peak_rss_mb": round(status["VmHWM"] / 1024, 1), "lost": None,
