@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import tomllib
+from datetime import UTC, datetime
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -963,10 +964,13 @@ HISTORY_DAYS, HISTORY_EVERY_S = 30, 10  # 259,200 samples of one metric
 def load_history(conn: psycopg.Connection, uid: str, end: int) -> int:
     """30 days of PH at one sample per 10 s, up to `end`, with two decimals as the
     firmware sends them (`"value":5.86`), written by SQL (the drain is
-    not what is measured here), with telemetry_last and the rollups filled."""
-    from harness import fill_rollups
+    not what is measured here), with telemetry_last, and the rollups filled by the same
+    SQL as migration 005's (hydrod keeps them in its write transaction, which samples
+    written with SQL do not go through)."""
+    from harness import fill_rollups, make_partitions
 
     start = end - HISTORY_DAYS * 86400
+    make_partitions(conn, datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC))
     conn.execute(
         "INSERT INTO telemetry_samples (node_id, channel, metric_type, value, ts, received_at)"
         " SELECT n.id, %s, 'PH', round((5.9 + 0.3 * sin(s / 3600.0) + random() * 0.05)::numeric, 2), to_timestamp(s),"

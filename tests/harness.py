@@ -1082,10 +1082,22 @@ def routed(seq: int, topic: str, payload: Any, received_at: float | None = None,
 ROLLUPS = {"telemetry_1m": "minute", "telemetry_1h": "hour", "telemetry_1d": "day"}
 
 
+def make_partitions(conn: psycopg.Connection, start: Any, end: Any) -> None:
+    """The day partitions of telemetry_samples from `start` to `end` (timestamptz), when
+    the schema has them (migration 005), for samples written with SQL rather than
+    through hydrod."""
+    if conn.execute("SELECT to_regproc('hydrod_telemetry_partitions')").fetchone()[0] is not None:
+        conn.execute("SELECT hydrod_telemetry_partitions(array_agg(d::date)) FROM generate_series("
+                     "(%s::timestamptz AT TIME ZONE 'UTC')::date, (%s::timestamptz AT TIME ZONE 'UTC')::date,"
+                     " interval '1 day') AS d", (start, end))
+
+
 def fill_rollups(dsn: str) -> None:
-    """Fill the rollup tables (SPEC §8) from the raw samples with plain SQL: each
-    bucket's count, min, max, avg, last and last_ts over its raw rows, buckets in UTC.
-    Makes the tables when the schema does not have them yet."""
+    """Fill the rollup tables (SPEC §8) from the raw samples with plain SQL, the same
+    as migration 005 does for the rows it copies: each bucket's count, min, max, avg,
+    last, last_ts (and sum, where the schema keeps it) over its raw rows, buckets in
+    UTC. For samples written with SQL: hydrod keeps the rollups in its own write
+    transaction. Makes the tables when the schema does not have them yet."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         for table, unit in ROLLUPS.items():
             conn.execute(f"""CREATE TABLE IF NOT EXISTS {table} (
@@ -1093,11 +1105,13 @@ def fill_rollups(dsn: str) -> None:
                 bucket timestamptz NOT NULL, count bigint NOT NULL, min double precision NOT NULL,
                 max double precision NOT NULL, avg double precision NOT NULL, last double precision NOT NULL,
                 last_ts timestamptz NOT NULL, PRIMARY KEY (node_id, channel, metric_type, bucket))""")
+            has_sum = conn.execute("SELECT 1 FROM information_schema.columns WHERE table_name = %s"
+                                   " AND column_name = 'sum'", (table,)).fetchone() is not None
             conn.execute(f"""INSERT INTO {table} AS r
-                (node_id, channel, metric_type, bucket, count, min, max, avg, last, last_ts)
+                (node_id, channel, metric_type, bucket, count, min, max, avg, last, last_ts{", sum" * has_sum})
                 SELECT node_id, channel, metric_type, date_trunc('{unit}', ts, 'UTC'), count(*), min(value),
-                       max(value), avg(value), (array_agg(value ORDER BY ts DESC))[1], max(ts)
+                       max(value), avg(value), (array_agg(value ORDER BY ts DESC))[1], max(ts){", sum(value)" * has_sum}
                 FROM telemetry_samples GROUP BY 1, 2, 3, 4
                 ON CONFLICT (node_id, channel, metric_type, bucket) DO UPDATE SET count = excluded.count,
                     min = excluded.min, max = excluded.max, avg = excluded.avg, last = excluded.last,
-                    last_ts = excluded.last_ts""")
+                    last_ts = excluded.last_ts{", sum = excluded.sum" * has_sum}""")

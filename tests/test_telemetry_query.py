@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from harness import fill_rollups
+from harness import fill_rollups, make_partitions
 from hydrod import store
 from hydrod.core import telemetry_query as tq
 from hydrod.core.telemetry_query import BadQuery, TelemetryQuery, parse_query
@@ -26,6 +26,9 @@ def conn(database):
 
 
 def samples(conn, node_uid, channel, metric, times_values):
+    """Written with SQL, as hydrod would store them (the rollups: fill_rollups)."""
+    times_values = list(times_values)
+    make_partitions(conn, min(ts for ts, _ in times_values), max(ts for ts, _ in times_values))
     with conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO telemetry_samples (node_id, channel, metric_type, value, ts, received_at)"
