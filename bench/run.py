@@ -784,11 +784,12 @@ def scenario_live(pg: PgServer, args: argparse.Namespace, reference: float | Non
             # A ratio means something only if hydrod kept up with the steady load before the
             # burst: with a growing backlog, latency climbs with time and any later window
             # looks worse. Kept up: the second half of the before window has a median at
-            # most 1.5x the first half's (+20 ms for the poll's resolution).
+            # most 2x the first half's + 100 ms (a shared host's stalls move medians of a
+            # few seconds by that much; a backlog grows by seconds).
             half = len(windows_lat["before"]) // 2
             p50_first = statistics.median(windows_lat["before"][:half]) if half else None
             p50_second = statistics.median(windows_lat["before"][half:]) if half else None
-            steady = bool(half and p50_second <= 1.5 * p50_first + 20)
+            steady = bool(half and p50_second <= 2 * p50_first + 100)
             result.update({
                 "ratio": ratio,
                 "ratio_note": ("telemetry p99 during the hello burst / p99 before and after it (issue 8: <= 2)"
