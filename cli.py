@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import sys
+import time
+import urllib.parse
 from pathlib import Path
 
 import psycopg
@@ -47,6 +49,19 @@ def main(argv: list[str] | None = None, fault_hook=None) -> int:
     history.add_argument("--step", default="auto", help="raw, 1m, 1h, 1d or auto (default: the finest with "
                                                         "at most 2,000 points)")
     history.add_argument("--csv", action="store_true", help="CSV with a header, instead of a table")
+    command = commands.add_parser("command", help="send a node a signed command and wait for its final state "
+                                                  "(exit 0 only on DONE)")
+    command.add_argument("uid")
+    command.add_argument("channel")
+    command.add_argument("cmd")
+    command.add_argument("params", nargs="?", default="{}", help="a JSON object (default {})")
+    command.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                         help="how long to wait for a final state (default: commands.default_ttl_s"
+                              " + commands.response_timeout_s, the longest a command can take)")
+    command.add_argument("--cmd-id", default=None, help="the command's id (default: generated); the same id "
+                                                        "again does not make a second command")
+    command.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
+                         help="how long it may wait to be sent (default: commands.default_ttl_s)")
     for sub in commands.choices.values():
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -216,6 +231,39 @@ def history(config, args) -> int:
     return 0
 
 
+FINAL_STATES = ("DONE", "NO_EFFECT", "ERROR", "INVALID", "BUSY", "TIMEOUT", "EXPIRED")
+
+
+def command(config, args) -> int:
+    """Ask the running daemon to send a command; wait for its final state and print it."""
+    try:
+        params = json.loads(args.params)
+    except ValueError as exc:
+        raise HydrodError(f"PARAMS_JSON is not JSON: {exc}") from None
+    body = {"channel": args.channel, "cmd": args.cmd, "params": params}
+    if args.cmd_id is not None:
+        body["cmd_id"] = args.cmd_id
+    if args.ttl is not None:
+        body["ttl_s"] = args.ttl
+    api = ApiClient(config.http, "command")
+    made = json.loads(api.request("POST", node_path(args.uid, "commands"), body=json.dumps(body).encode(),
+                                  refused="command refused"))
+    wait = args.wait if args.wait is not None else config.commands.default_ttl_s + config.commands.response_timeout_s
+    deadline = time.monotonic() + wait
+    path = "/api/commands/" + urllib.parse.quote(made["cmd_id"], safe="")
+    state = made
+    while state["status"] not in FINAL_STATES and time.monotonic() < deadline:
+        time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))  # polling the API: nothing to wait on
+        state = api.get_json(path)
+    print(json.dumps(state, indent=2))
+    if state["status"] == "DONE":
+        return 0
+    if state["status"] not in FINAL_STATES:
+        raise HydrodError(f"command {made['cmd_id']} is still {state['status']} after {wait:g} s")
+    raise HydrodError(f"command {made['cmd_id']} ended {state['status']}"
+                      + (f" ({state['error_code']})" if state.get("error_code") else ""))
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -224,4 +272,4 @@ def _read(path: Path) -> bytes:
 
 
 COMMANDS = {"run": run, "migrate": migrate, "check-config": check_config, "nodes": nodes,
-            "push-config": push_config, "simulate": simulate, "history": history}
+            "push-config": push_config, "simulate": simulate, "history": history, "command": command}

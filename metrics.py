@@ -45,6 +45,11 @@ class Metrics:
         self.configs_published = Counter("hydrod_configs_published", "Configs taken by the broker", registry=r)
         self.configs_applied = Counter("hydrod_configs_applied", "Configs acknowledged by their node", registry=r)
         self.config_timeouts = Counter("hydrod_config_timeouts", "Configs never acknowledged", registry=r)
+        self.commands = Counter("hydrod_commands", "Commands entering each status (SPEC §7)", ["status"], registry=r)
+        self.command_responses = Counter("hydrod_command_responses",
+                                         "command_responses by what became of them: applied, ignored (duplicate,"
+                                         " out of order), unknown (no such command of that node), invalid",
+                                         ["outcome"], registry=r)
 
     def accounts(self) -> dict[str, int]:
         """Where the received messages went. Once nothing is pending,

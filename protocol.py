@@ -43,6 +43,7 @@ STATUS = "status"
 LWT = "lwt"
 CONFIG_REPORT = "config_report"
 TIME_REQUEST = "time_request"
+COMMAND_RESPONSE = "command_response"
 REJECT = "reject"
 NODE_KINDS = frozenset({HELLO, HEARTBEAT, STATUS, LWT, CONFIG_REPORT, "error", "diagnostics"})
 CHANNEL_KINDS = frozenset({TELEMETRY, "command_response", "event"})

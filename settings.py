@@ -95,6 +95,17 @@ class NodesSettings(_Section):
     config_resend_interval_s: Seconds = 60.0
 
 
+class CommandsSettings(_Section):
+    # How long a command may wait to be sent (broker link down, node offline)
+    # before it expires unsent; a request's `ttl_s` overrides it.
+    default_ttl_s: Annotated[float, Field(gt=0, le=86400, allow_inf_nan=False)] = 60.0
+    # How long after the broker took a command its final answer may take.
+    response_timeout_s: Seconds = 30.0
+    # How often expiries and timeouts are checked, and waiting commands of nodes
+    # that came back online are sent.
+    sweep_interval_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 1.0
+
+
 class SupervisorSettings(_Section):
     max_restarts: Annotated[int, Field(ge=0)] = 5
     restart_window_s: Seconds = 60.0
@@ -120,6 +131,7 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     nodes: NodesSettings = NodesSettings()
+    commands: CommandsSettings = CommandsSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     logging: LoggingSettings = LoggingSettings()
 

@@ -521,12 +521,16 @@ def store_config_report(cur: psycopg.Cursor, *, node_key: str, gh: str, zone: st
         " status_at = greatest(status_at, %(at)s),"
         " last_seen_at = greatest(last_seen_at, %(at)s), updated_at = now(),"
         " gh_uid = coalesce(%(gh)s, gh_uid), zone_uid = coalesce(%(zone)s, zone_uid),"
+        # The node segment the node uses in its own zone (uid or hardware id): commands go there.
+        " topic_key = CASE WHEN %(own)s THEN %(key)s ELSE topic_key END,"
         " lifecycle_state = CASE WHEN %(bound)s AND lifecycle_state IN"
         "   ('MANUFACTURED', 'UNPROVISIONED', 'PROVISIONED_WIFI', 'REGISTERED_BACKEND')"
         "   THEN 'ASSIGNED_TO_ZONE' ELSE lifecycle_state END"
         " WHERE id = %(id)s",
         {"at": _ts(received_at), "config": Jsonb(config), "gh": bound_to[0] if bound_to else None,
-         "zone": bound_to[1] if bound_to else None, "bound": bound_to is not None, "id": node["id"]},
+         "zone": bound_to[1] if bound_to else None, "bound": bound_to is not None, "id": node["id"],
+         "own": not temp and (bound_to == (gh, zone) or (node["gh_uid"], node["zone_uid"]) == (gh, zone)),
+         "key": node_key},
     )
     resend = None
     if (temp and resend_interval_s is not None and node["gh_uid"] is not None

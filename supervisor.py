@@ -23,6 +23,7 @@ import structlog
 from . import protocol, store
 from .actors.base import (ActorFailed, ActorUnavailable, Address, Backoff, Context, Deliver, Flush, Health, Ready,
                           Ticker, tell_later)
+from .actors.commands import CommandSender
 from .actors.config_publisher import ConfigPublisher
 from .actors.db_writer import DbWriter
 from .actors.http_api import HttpApi, Peers
@@ -192,7 +193,7 @@ class SupervisorActor(pykka.ThreadingActor):
 class Daemon:
     """Builds the actors and their addresses; run() blocks until stopped."""
 
-    ORDER = ("db_writer", "node_registry", "config_publisher", "http_api", "mqtt_io")
+    ORDER = ("db_writer", "node_registry", "config_publisher", "commands", "http_api", "mqtt_io")
 
     def __init__(self, settings: Settings, fault_hook: Callable[[str, Any], None] | None = None,
                  notifier: Notifier | None = None):
@@ -229,18 +230,23 @@ class Daemon:
             "config_publisher": lambda ctx: ConfigPublisher.start(
                 ctx, dsn=dsn, mqtt=addr["mqtt_io"], metrics=self.metrics,
                 ack_timeout_s=s.nodes.config_ack_timeout_s),
+            "commands": lambda ctx: CommandSender.start(
+                ctx, dsn=dsn, mqtt=addr["mqtt_io"], metrics=self.metrics,
+                default_ttl_s=s.commands.default_ttl_s, response_timeout_s=s.commands.response_timeout_s,
+                sweep_interval_s=s.commands.sweep_interval_s),
             "http_api": lambda ctx: HttpApi.start(
                 ctx, settings=s.http, dsn=dsn, metrics=self.metrics, ask_timeout=s.supervisor.ask_timeout_s,
                 stall_after_s=s.supervisor.stall_after_s,
                 peers=Peers(registry=addr["node_registry"], config_publisher=addr["config_publisher"],
+                            commands=addr["commands"],
                             db_writer=addr["db_writer"], mqtt=addr["mqtt_io"],
                             all=tuple(addr[name] for name in self.ORDER if name != "http_api"
                                       or s.http.enabled))),
             "mqtt_io": lambda ctx: MqttIo.start(
                 ctx, settings=s.mqtt, registry=addr["node_registry"], history=addr["db_writer"],
-                link_watchers=(addr["config_publisher"],), metrics=self.metrics,
+                link_watchers=(addr["config_publisher"], addr["commands"]), metrics=self.metrics,
                 batch_size=s.telemetry.batch_size, max_pending=s.telemetry.max_pending,
-                stale_filters=self.stale_filters),
+                stale_filters=self.stale_filters, commands=addr["commands"]),
         }
         for name in self.ORDER:
             if name == "http_api" and not s.http.enabled:
@@ -387,7 +393,7 @@ class Daemon:
         # Registry work first: history held behind it is released to db_writer by
         # the second StopIntake, which also hands over MqttIo's partial batches.
         steps = [("mqtt_io", StopIntake()), ("node_registry", Flush()), ("mqtt_io", StopIntake()),
-                 ("db_writer", Flush()), ("mqtt_io", Close())]
+                 ("db_writer", Flush()), ("commands", Flush()), ("mqtt_io", Close())]
         for name, step in steps:
             if name not in self.started:
                 continue

@@ -27,6 +27,7 @@ from werkzeug.wrappers import Request, Response
 
 from .. import protocol
 from ..core import page, telemetry_query
+from ..core.commands import CommandRefused
 from ..core.configs import PushRefused
 from ..core.database import open_pool
 from ..core.reads import POOL_SIZE, Reads
@@ -34,6 +35,7 @@ from ..core.telemetry_query import BadQuery
 from ..settings import HttpSettings
 from .base import ActorUnavailable, Address, Context, Health, SupervisedActor
 from .config_publisher import push_config
+from .commands import CreateCommand
 from .http_server import MAX_BODY, HttpServer
 
 
@@ -43,6 +45,7 @@ class Peers:
 
     registry: Address
     config_publisher: Address
+    commands: Address
     db_writer: Address
     mqtt: Address
     all: tuple[Address, ...]
@@ -66,6 +69,9 @@ class Api:
             Rule("/api/nodes/<uid>/telemetry/last", endpoint="telemetry_last", methods=["GET"]),
             Rule("/", endpoint="page", methods=["GET"]),
             Rule("/static/<name>", endpoint="static", methods=["GET"]),
+            Rule("/api/nodes/<uid>/commands", endpoint="command", methods=["POST"]),
+            Rule("/api/nodes/<uid>/commands", endpoint="commands", methods=["GET"]),
+            Rule("/api/commands/<cmd_id>", endpoint="command_status", methods=["GET"]),
             Rule("/healthz", endpoint="healthz", methods=["GET"]),
             Rule("/metrics", endpoint="metrics", methods=["GET"]),
         ])
@@ -124,18 +130,9 @@ class Api:
     def on_push(self, request: Request, uid: str) -> Response:
         if not _UID.fullmatch(uid):
             raise NotFound(f"no node with uid {uid!r}")
-        try:
-            raw = request.get_data(cache=False) or b"null"
-        except RequestEntityTooLarge:  # chunked or not
-            return _json({"error": f"body too large: over {MAX_BODY} bytes"}, 413)
-        try:
-            body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _json({"error": f"body is not JSON: {exc}"}, 400)
-        except RecursionError:
-            return _json({"error": "body is not JSON: nested too deeply"}, 400)
-        if protocol.holds_nul(body):
-            return _json({"error": "body contains a NUL character (\\u0000), which a config cannot carry"}, 400)
+        body = _body(request, "a config")
+        if isinstance(body, Response):
+            return body
         try:
             result = push_config(self.peers.config_publisher, uid, body, self.ask_timeout)
         except PushRefused as exc:
@@ -168,13 +165,43 @@ class Api:
 
     def on_static(self, request: Request, name: str) -> Response:
         return page.response(request, name)
+    def on_command(self, request: Request, uid: str) -> Response:
+        if not _UID.fullmatch(uid):
+            raise NotFound(f"no node with uid {uid!r}")
+        body = _body(request, "a command")
+        if isinstance(body, Response):
+            return body
+        try:
+            summary, created = self.peers.commands.ask(
+                CreateCommand(uid, body, deadline=time.monotonic() + self.ask_timeout - 0.2), self.ask_timeout)
+        except CommandRefused as exc:
+            return _json({"error": exc.message}, exc.status)
+        return _json(summary, 202 if created else 200)
+
+    def on_commands(self, request: Request, uid: str) -> Response:
+        if not _UID.fullmatch(uid):
+            raise NotFound(f"no node with uid {uid!r}")
+        limit = request.args.get("limit", "50")
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            return _json({"error": "`limit` must be a whole number from 1 to 1000"}, 400)
+        found = self.reads.node_commands(uid, int(limit))
+        if found is None:
+            raise NotFound(f"no node with uid {uid}")
+        return _json(found)
+
+    def on_command_status(self, request: Request, cmd_id: str) -> Response:
+        found = self.reads.command(cmd_id) if _UID.fullmatch(cmd_id) else None
+        if found is None:
+            raise NotFound(f"no command with cmd_id {cmd_id!r}")
+        return _json(found)
 
     def on_healthz(self, request: Request) -> Response:
         """Failing: an actor being restarted or stalled on one message, or the resource
         an actor owns, as the actor last saw it. Asks no one: a busy actor is working."""
         checks, failing = {}, []
         resource = {self.peers.mqtt.name: "mqtt", self.peers.db_writer.name: "database",
-                    self.peers.registry.name: "database", self.peers.config_publisher.name: "database"}
+                    self.peers.registry.name: "database", self.peers.config_publisher.name: "database",
+                    self.peers.commands.name: "database"}
         now = time.monotonic()
         for address in self.peers.all:
             busy_since, handling = address.busy_since, address.handling
@@ -245,6 +272,23 @@ def without_secrets(data: Any) -> Any:
             continue
         parent[index] = value
     return top[0]
+
+
+def _body(request: Request, what: str) -> Any:
+    """The request's JSON body, or the error Response (400, 413) saying what is wrong."""
+    try:
+        raw = request.get_data(cache=False) or b"null"
+    except RequestEntityTooLarge:  # chunked or not
+        return _json({"error": f"body too large: over {MAX_BODY} bytes"}, 413)
+    try:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _json({"error": f"body is not JSON: {exc}"}, 400)
+    except RecursionError:
+        return _json({"error": "body is not JSON: nested too deeply"}, 400)
+    if protocol.holds_nul(body):
+        return _json({"error": f"body contains a NUL character (\\u0000), which {what} cannot carry"}, 400)
+    return body
 
 
 def _no_constant(name: str) -> Any:

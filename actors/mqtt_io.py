@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .. import protocol
-from ..protocol import CONFIG_REPORT, HELLO, REJECT, TIME_REQUEST, Routed
+from ..protocol import COMMAND_RESPONSE, CONFIG_REPORT, HELLO, REJECT, TIME_REQUEST, Routed
 from ..settings import MqttSettings
 from .inbound import Arrivals, Inbound, Ledger
 from .base import Address, Backoff, Context, Deliver, Health, LinkChanged, Ready, SupervisedActor, tell_later
@@ -52,6 +52,8 @@ class Publish:
     topic: str
     payload: bytes = field(repr=False)
     on_acked: tuple[Address, Any] | None = None
+    # Told when the publish surely did not go out (the link was down): safe to send again.
+    on_failed: tuple[Address, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,10 @@ class _PahoLog(logging.LoggerAdapter):
 class MqttIo(SupervisedActor):
     def __init__(self, context: Context, *, settings: MqttSettings, registry: Address,
                  history: Address, link_watchers: tuple[Address, ...], metrics,
-                 batch_size: int, max_pending: int, stale_filters: tuple[str, ...] = ()):
+                 batch_size: int, max_pending: int, stale_filters: tuple[str, ...] = (),
+                 commands: Address | None = None):
         super().__init__(context)
+        self.commands = commands  # also told each command_response: it moves its command (SPEC §7)
         self.settings = settings
         self.filters = wanted_filters(settings.shared_group)
         # Filters subscribed once under this client id and no longer wanted (the
@@ -320,6 +324,8 @@ class MqttIo(SupervisedActor):
         if routed.kind == TIME_REQUEST:
             self._answer_time(routed)
             return
+        if routed.kind == COMMAND_RESPONSE and self.commands is not None:
+            self.commands.tell(Deliver((routed,)))  # and kept as a node event by the history, below
         destination = self.routes.get(routed.kind, self.history)
         if destination is not self.history:
             self._registry_open[seq] = None
@@ -392,12 +398,14 @@ class MqttIo(SupervisedActor):
     def _publish(self, request: Publish) -> None:
         if self.client is None or not self.connected:
             self.metrics.publish_deferred.inc()
+            if request.on_failed is not None:
+                request.on_failed[0].tell(request.on_failed[1])
             return
         info = self.client.publish(request.topic, request.payload, qos=1, retain=False)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             self.metrics.publish_deferred.inc()
             self.log.warning("mqtt_publish_failed", topic=request.topic, error=mqtt.error_string(info.rc))
-            return
+            return  # not on_failed: paho keeps a NO_CONN publish and sends it on reconnect
         if request.on_acked is not None:
             self._publish_waiters[info.mid] = request.on_acked
 

@@ -54,6 +54,7 @@ TARGETS = {
     "hello_burst": "peak_rss_mb <= 150",
     "refused": "every phase drains at least half as fast as the valid one",
     "history_query": "step=auto for 30 days p50 <= 50 ms, step=raw for one day p50 <= 200 ms",
+    "commands": "every command DONE, received once by its node, none refused (no latency target set)",
 }
 
 
@@ -1094,6 +1095,231 @@ def scenario_history_query(pg: PgServer, args: argparse.Namespace, code: Code | 
 
 # ----------------------------------------------------------------------------- main --
 
+
+# ------------------------------------------------------------------ commands (SPEC §7) --
+# Separate functions, kept apart from the other scenarios.
+
+class CommandNodes:
+    """Every bench node in one paho client: it checks each command as the firmware does
+    (hydrod.signing.check), notes when it arrived, and answers ACK then DONE at once,
+    noting when the DONE went out. A second copy of a cmd_id is counted, not answered."""
+
+    def __init__(self, port: int, secrets_by_segment: dict[str, str]) -> None:
+        from hydrod import signing
+        self.check = signing.check
+        self.secrets = secrets_by_segment
+        self.received: dict[str, float] = {}
+        self.done_at: dict[str, float] = {}
+        self.refused: list[str] = []
+        self.duplicates = 0
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-nodes-{secrets.token_hex(4)}",
+                                  protocol=mqtt.MQTTv311)
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.on_message = self._on_message
+        subscribed, connected = threading.Event(), threading.Event()
+        self.client.on_connect = lambda *_: connected.set()
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.connect("127.0.0.1", port, keepalive=60)
+        self.client.loop_start()
+        if not connected.wait(10):
+            raise RuntimeError("command nodes: no CONNACK")
+        self.client.subscribe(f"hydro/{GH}/{ZONE}/+/+/command", qos=1)
+        if not subscribed.wait(10):
+            raise RuntimeError("command nodes: no SUBACK")
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        at = time.time()
+        segment = msg.topic.split("/")[3]
+        verdict = self.check(bytes(msg.payload), self.secrets.get(segment, ""), at)
+        if not isinstance(verdict, dict):
+            with self._lock:
+                self.refused.append(f"{msg.topic}: {verdict.error_code}")
+            return
+        cmd_id = verdict["cmd_id"]
+        with self._lock:
+            if cmd_id in self.received:
+                self.duplicates += 1
+                return
+            self.received[cmd_id] = at
+        respond = msg.topic.rsplit("/", 1)[0] + "/command_response"
+        ms = int(at * 1000)
+        self.client.publish(respond, b'{"cmd_id":"%s","status":"ACK","ts":%d}' % (cmd_id.encode(), ms), qos=1)
+        self.done_at[cmd_id] = time.time()
+        self.client.publish(respond, b'{"cmd_id":"%s","status":"DONE","ts":%d}' % (cmd_id.encode(), ms), qos=1)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _commands_setup(bench: Bench, conn: psycopg.Connection, nodes: int) -> tuple[list[str], dict[str, str]]:
+    """`nodes` registered nodes, made bound, online and given a secret in SQL (binding
+    over MQTT is measured elsewhere): (uids, {uid: secret})."""
+    uids = register_nodes(bench, conn, nodes, prefix="c")
+    keys = {uid: secrets.token_hex(32) for uid in uids}
+    for uid, secret in keys.items():
+        conn.execute("UPDATE nodes SET gh_uid = %s, zone_uid = %s, node_secret = %s, status = 'online',"
+                     " last_seen_at = now() WHERE uid = %s", (GH, ZONE, secret, uid))
+    return uids, keys
+
+
+def _post_command(daemon: Daemon, uid: str, cmd_id: str) -> None:
+    status, body = daemon.http("POST", f"/api/nodes/{uid}/commands", timeout=30, json={
+        "channel": "pump_acid", "cmd": "dose", "params": {"ml": 1.5, "speed": 0.75}, "cmd_id": cmd_id,
+        "ttl_s": 600})
+    if status != 202:
+        raise RuntimeError(f"POST command {cmd_id}: {status} {body}")
+
+
+def _paho_round_trip(port: int, uids: list[str], n: int, rate: float | None) -> tuple[list[float], float]:
+    """Reference, same run: a bare paho client publishes n command-sized QoS 1 messages
+    to the nodes' command topics, at `rate` per second (None: at once); (per-message
+    publish-to-node ms, all n in seconds)."""
+    got: dict[int, float] = {}
+    done = threading.Event()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-ref-{secrets.token_hex(4)}",
+                      protocol=mqtt.MQTTv311)
+
+    def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        got[int(json.loads(msg.payload)["cmd_id"])] = time.time()
+        if len(got) >= n:
+            done.set()
+    sub.on_message = on_message
+    ready = threading.Event()
+    sub.on_subscribe = lambda *_: ready.set()
+    sub.on_connect = lambda c, *_: c.subscribe(f"hydro/{GH}/{ZONE}/+/ref/command", qos=1)
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    if not ready.wait(10):
+        raise RuntimeError("reference: no SUBACK")
+    pub = Publisher(port)
+    sent: dict[int, float] = {}
+    payload = '{"cmd":"dose","cmd_id":"%d","params":{"ml":1.5,"speed":0.75},"sig":"%s","ts":%d}'
+    t0 = time.time()
+    start = time.perf_counter()
+    for i in range(n):
+        wait = start + i / rate - time.perf_counter() if rate else 0
+        if wait > 0:
+            time.sleep(wait)
+        sent[i] = time.time()
+        pub.publish(f"hydro/{GH}/{ZONE}/{uids[i % len(uids)]}/ref/command",
+                    (payload % (i, "0" * 64, int(t0))).encode())
+    finished = done.wait(60)
+    seconds = time.time() - t0
+    pub.close()
+    sub.disconnect()
+    sub.loop_stop()
+    if not finished:
+        raise TimeoutError(f"reference: {len(got)} of {n} received")
+    return sorted((got[i] - sent[i]) * 1000 for i in range(n)), seconds
+
+
+def scenario_commands(pg: PgServer, args: argparse.Namespace, code: Code | None = None) -> dict[str, Any]:
+    """Latency: --commands commands at --command-rate per second, one POST at a time,
+    to --nodes nodes; throughput: as many again, POSTed by 8 threads at once."""
+    n, nodes, rate = args.commands, args.nodes, args.command_rate
+    with Bench(pg, "commands", args.keep, code) as bench, bench.connect() as conn:
+        daemon = bench.daemon()
+        daemon.start()
+        daemon.wait_ready(60)
+        uids, keys = _commands_setup(bench, conn, nodes)
+        node_side = CommandNodes(bench.broker.port, keys)
+        visible: dict[str, float] = {}
+        stop = threading.Event()
+
+        def poller() -> None:
+            # What GET /api/commands/{cmd_id} reads: the committed row. Polled in SQL every
+            # --poll-ms (the API per command would load hydrod with the measurement).
+            with bench.connect() as pconn:
+                cur = pconn.cursor()
+                since = 0.0  # finished_at is the answer's arrival, before its commit: look 5 s back
+                while not stop.is_set():
+                    asked = time.time()
+                    cur.execute("SELECT cmd_id, extract(epoch FROM finished_at)::float8 FROM commands"
+                                " WHERE status = 'DONE' AND finished_at > to_timestamp(%s)", (since - 5,))
+                    for cmd_id, finished in cur.fetchall():
+                        visible.setdefault(cmd_id, asked)
+                        since = max(since, finished)
+                    time.sleep(args.poll_ms / 1000)
+
+        watcher = threading.Thread(target=poller, daemon=True)
+        watcher.start()
+        try:
+            # 1. latency, paced
+            say(f"commands: {n} commands at {rate}/s to {nodes} nodes ...")
+            posted: dict[str, float] = {}
+            start = time.perf_counter()
+            for i in range(n):
+                wait = start + i / rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                cmd_id = f"lat-{i}"
+                posted[cmd_id] = time.time()
+                _post_command(daemon, uids[i % nodes], cmd_id)
+            paced_rate = n / (max(posted.values()) - min(posted.values()))  # POSTs wait for their answer
+            poll(lambda: all(c in visible for c in posted), 120, "every paced command DONE", 0.05)
+            to_node = sorted((node_side.received[c] - posted[c]) * 1000 for c in posted)
+            done_to_api = sorted((visible[c] - node_side.done_at[c]) * 1000 for c in posted)
+
+            # 2. throughput: 8 POSTing threads, as fast as hydrod takes them
+            say(f"commands: {n} commands as fast as possible ...")
+            burst = [f"tp-{i}" for i in range(n)]
+            t0 = time.time()
+            errors: list[str] = []
+
+            def post_share(k: int) -> None:
+                for i in range(k, n, 8):
+                    try:
+                        _post_command(daemon, uids[i % nodes], burst[i])
+                    except Exception as exc:  # counted: a lost command fails the scenario
+                        errors.append(repr(exc))
+            threads = [threading.Thread(target=post_share, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            posted_s = time.time() - t0
+            poll(lambda: all(c in visible for c in burst), 300, "every burst command DONE", 0.05)
+            burst_s = max(visible[c] for c in burst) - t0
+            stop.set()
+            watcher.join(5)
+            statuses = dict(conn.execute("SELECT status, count(*) FROM commands GROUP BY status").fetchall())
+            events = count(conn, "node_events")
+            status = proc_status(daemon.pid)
+            daemon.terminate()
+        finally:
+            stop.set()
+            node_side.close()
+        ref_lat, _ = _paho_round_trip(bench.broker.port, uids, n, paced_rate)
+        _, ref_s = _paho_round_trip(bench.broker.port, uids, n, None)
+        q_node, q_api, q_ref = percentiles(to_node), percentiles(done_to_api), percentiles(ref_lat)
+        accounted = (statuses.get("DONE", 0) == 2 * n and len(node_side.received) == 2 * n
+                     and node_side.duplicates == 0 and not node_side.refused and not errors)
+        return {
+            "scenario": "commands", "messages": 2 * n, "nodes": nodes, "command_rate_per_s": rate,
+            "achieved_rate_per_s": round(paced_rate, 1),
+            "post_to_node_p50_ms": round(q_node[49], 1), "post_to_node_p99_ms": round(q_node[98], 1),
+            "done_to_api_p50_ms": round(q_api[49], 1), "done_to_api_p99_ms": round(q_api[98], 1),
+            "reference_note": "bare paho QoS 1 publishes of the same size to the same topics, paced at the"
+                              " achieved rate (latency) and all at once (throughput), same broker, same run",
+            "reference_publish_to_node_p50_ms": round(q_ref[49], 1),
+            "reference_publish_to_node_p99_ms": round(q_ref[98], 1),
+            "ratio_post_to_node_p50": round(q_node[49] / q_ref[49], 1) if q_ref[49] else None,
+            "burst_commands_per_s": round(n / burst_s, 1), "burst_posted_per_s": round(n / posted_s, 1),
+            "reference_messages_per_s": round(n / ref_s, 1),
+            "ratio_burst": round((n / burst_s) / (n / ref_s), 3),
+            "accounted": accounted, "statuses": statuses, "duplicates_at_node": node_side.duplicates,
+            "refused_by_node": node_side.refused[:5], "post_errors": errors[:5],
+            "command_response_events": events,
+            "latency_resolution_ms": args.poll_ms, "peak_rss_mb": round(status["VmHWM"] / 1024, 1),
+            "daemon_cpu_s": round(status["cpu_s"], 2),
+            "target": TARGETS["commands"],
+            "target_met": accounted,
+        }
+
+
 def checkout_state() -> dict[str, Any]:
     """The commit measured, and whether hydrod's files (bench/ aside) differ from it."""
     changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench")
@@ -1101,7 +1327,7 @@ def checkout_state() -> dict[str, Any]:
             "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
-SCENARIOS = ("drain", "live", "startup", "hello_burst", "refused", "history_query")
+SCENARIOS = ("drain", "live", "startup", "hello_burst", "refused", "history_query", "commands")
 # What --reference compares, per scenario: the figure, and whether higher is better.
 COMPARED = {"drain": ("rate_per_s", True), "hello_burst": ("rate_per_s", True),
             "startup": ("seconds", False), "live": ("p99_ms", False)}
@@ -1128,6 +1354,8 @@ def _run_scenario(name: str, pg: PgServer, args: argparse.Namespace, reference: 
             return scenario_refused(pg, args, code)
         if name == "history_query":
             return scenario_history_query(pg, args, code)
+        if name == "commands":
+            return scenario_commands(pg, args, code)
         return scenario_hello_burst(pg, args, code)
     except Exception as exc:  # one scenario failing does not hide the others
         return {"scenario": name, "error": f"{type(exc).__name__}: {exc}"[:4000]}
@@ -1200,6 +1428,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="history_query: requests for the month (step=auto) and the reference (200)")
     parser.add_argument("--history-raw-queries", type=int, default=50,
                         help="history_query: requests for one day's raw samples (50)")
+    parser.add_argument("--commands", type=int, default=int(env("BENCH_COMMANDS", 1000)),
+                        help="commands: commands in each of its two phases (1000)")
+    parser.add_argument("--command-rate", type=float, default=float(env("BENCH_COMMAND_RATE", 50)),
+                        help="commands: POSTs per second in the latency phase (50)")
     parser.add_argument("--profile", type=Path, default=None, metavar="RAW_FILE",
                         help="drain and live: record hydrod with py-spy (folded stacks to RAW_FILE, "
                              "RAW_FILE.live for live) and report the top functions by own time")

@@ -14,6 +14,7 @@ from psycopg_pool import ConnectionPool
 from .. import store
 from . import telemetry_query
 from .telemetry_query import Series, TelemetryQuery
+from .commands import read_command, read_node_commands
 
 POOL_SIZE = (1, 2)  # (min, max): a few operators' requests at a time
 
@@ -43,6 +44,15 @@ class Reads:
         with self.pool.connection(timeout=self.timeout) as conn:
             node = telemetry_query.node_id(conn, uid)
             return None if node is None else telemetry_query.latest(conn, node)
+    def command(self, cmd_id: str) -> dict[str, Any] | None:
+        """A command with its transitions (SPEC §7)."""
+        with self.pool.connection(timeout=self.timeout) as conn:
+            return read_command(conn, cmd_id)
+
+    def node_commands(self, uid: str, limit: int) -> list[dict[str, Any]] | None:
+        """A node's latest commands, newest first; None for an unknown node."""
+        with self.pool.connection(timeout=self.timeout) as conn:
+            return read_node_commands(conn, uid, limit)
 
     def close(self) -> None:
         self.pool.close(timeout=2)

@@ -11,7 +11,7 @@ from harness import metric_value, publish, query, wait_until
 from hydrod import logs, settings
 from hydrod.actors.base import Address, Context
 from hydrod.actors.inbound import Arrivals, Ledger
-from hydrod.actors.mqtt_io import Close, MqttIo, StopIntake, _Connect, _Disconnected
+from hydrod.actors.mqtt_io import Close, MqttIo, Publish, StopIntake, _Connect, _Disconnected
 from hydrod.metrics import Metrics
 from test_supervisor import HELLO, UID, LogLines, in_process  # noqa: F401 (LogLines, in_process: fixtures)
 
@@ -188,3 +188,24 @@ def test_what_an_earlier_link_says_is_ignored():
     io.handle(_Disconnected(gone, "Normal disconnection"))
     io.handle(_Connect(gone))
     assert io.connecting and link.connects == 1 and gone.connects == 0
+
+
+def test_a_publish_asked_while_the_link_is_down_is_told_back_as_never_sent():
+    io = make_io()
+    watcher = Address("commands")
+    io._publish(Publish("hydro/gh-1/zn-1/n/p/command", b"{}", on_acked=(watcher, "acked"),
+                        on_failed=(watcher, "not sent")))
+    assert watcher._held == ["not sent"] and io._publish_waiters == {}
+
+
+def test_a_command_response_goes_to_the_commands_actor_and_to_the_history():
+    commands = Address("commands")
+    io = MqttIo(Context("mqtt_io", Address("mqtt_io"), Address("supervisor")), settings=settings.MqttSettings(),
+                registry=Address("node_registry"), history=Address("db_writer"), link_watchers=(),
+                metrics=Metrics(), batch_size=10, max_pending=100, commands=commands)
+    answer = SimpleNamespace(topic="hydro/gh-1/zn-1/nd-1/pump/command_response", payload=b'{"cmd_id":"c"}',
+                             received_at=1.0, mid=1, qos=1, dup=False)
+    io._route(7, answer)
+    [told] = commands._held
+    assert [item.seq for item in told.items] == [7]
+    assert [item.seq for item in io._batches[io.history]] == [7]
