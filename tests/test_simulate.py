@@ -259,6 +259,23 @@ def test_signed_commands_are_answered_ack_then_done_and_refused_or_ignored_as_fi
     assert sim.result["commands"] == {"done": 2, "ignored": 1, "invalid_signature": 1, "timestamp_expired": 1}
 
 
+def test_a_command_sent_through_hydrod_is_answered_by_a_simulated_node_and_reaches_done(make_daemon, broker, database):
+    daemon = make_daemon()
+    daemon.wait_ready()
+    with simulating(nodes=1, rate=2, port=broker.port, prefix="esp32-e2e") as sim:
+        wait_until(lambda: node_rows(database, "esp32-e2e"), what="node registered")
+        push(daemon, "nd-ph-e2e0001", gh_uid="gh-1", zone_uid="zn-1")
+        wait_until(lambda: node_rows(database, "esp32-e2e")[0][3] == "gh-1", what="node bound")
+        status, made = daemon.http("POST", "/api/nodes/nd-ph-e2e0001/commands",
+                                   json={"channel": "pump_acid", "cmd": "dose", "params": {"ml": 2}, "cmd_id": "e2e-1"})
+        assert status == 202, made
+        final = wait_until(lambda: (c := daemon.http("GET", "/api/commands/e2e-1")[1])["status"] == "DONE" and c,
+                           what="the command DONE")
+    assert [t["status"] for t in final["transitions"]] == ["QUEUED", "SENT", "ACK", "DONE"]
+    assert final["details"] == {"result": "ok"}
+    assert sim.result["commands"] == {"done": 1}
+
+
 def test_a_killed_connection_shows_the_node_offline_by_its_last_will_and_it_comes_back(
         make_daemon, broker, database, make_proxy):
     daemon = make_daemon()
