@@ -12,6 +12,7 @@ import itertools
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import date, timedelta
 from importlib import resources
 from typing import Any, Iterable
 
@@ -190,8 +191,8 @@ WITH keys AS (
     FROM r WHERE kind = 'telemetry' AND reason IS NULL
     ORDER BY seq
     ON CONFLICT (node_id, channel, metric_type, ts) DO NOTHING
-    RETURNING 'telemetry'::text AS kind
-), latest AS (
+    RETURNING node_id, channel, metric_type, value, ts
+), {rollups}, latest AS (
     INSERT INTO telemetry_last (node_id, channel, metric_type, value, ts, received_at, metadata)
     SELECT DISTINCT ON (node_id, channel, metric)
            node_id, channel, metric, value, to_timestamp(ts), to_timestamp(received_at),
@@ -246,9 +247,43 @@ SELECT 'status', uid, status FROM touched WHERE status IS DISTINCT FROM old_stat
 UNION ALL
 SELECT 'redelivered', seq::text, kind FROM r WHERE redelivered AND reason IS NULL
 UNION ALL
-SELECT 'written', kind, count(*)::text FROM (SELECT kind FROM samples UNION ALL SELECT kind FROM events) w
+SELECT 'written', kind, count(*)::text
+FROM (SELECT 'telemetry'::text AS kind FROM samples UNION ALL SELECT kind FROM events) w
 GROUP BY kind
 """.replace("{node_named_by_k}", node_named("k.node_key"))
+
+# ROLLUPS. Only the samples this statement inserted (RETURNING of ON CONFLICT DO
+# NOTHING: a redelivery inserts nothing) are added to their minute, hour and day,
+# under the rollup row's lock, in the transaction that stores them: a rollup never
+# lags its raw rows and never counts a sample twice, whichever instance stores it.
+# Buckets are UTC, like the day partitions. avg is sum / count. Rows are upserted
+# in key order, so two writers lock the same buckets in the same order.
+_ROLLUP_SQL = """
+{name}_new AS (
+    SELECT node_id, channel, metric_type, date_trunc('{unit}', {ts}, 'UTC') AS bucket,
+           {count} AS count, min({min}) AS min, max({max}) AS max, sum({sum}) AS sum,
+           (array_agg({last} ORDER BY {last_ts} DESC))[1] AS last, max({last_ts}) AS last_ts
+    FROM {source} GROUP BY 1, 2, 3, 4
+), {name}_up AS (
+    INSERT INTO telemetry_{table} AS t (node_id, channel, metric_type, bucket, count, min, max, avg, last,
+                                       last_ts, sum)
+    SELECT node_id, channel, metric_type, bucket, count, min, max, sum / count, last, last_ts, sum
+    FROM {name}_new ORDER BY node_id, channel, metric_type, bucket
+    ON CONFLICT (node_id, channel, metric_type, bucket) DO UPDATE SET
+        count = t.count + EXCLUDED.count, min = least(t.min, EXCLUDED.min), max = greatest(t.max, EXCLUDED.max),
+        sum = t.sum + EXCLUDED.sum, avg = (t.sum + EXCLUDED.sum) / (t.count + EXCLUDED.count),
+        last = CASE WHEN EXCLUDED.last_ts > t.last_ts THEN EXCLUDED.last ELSE t.last END,
+        last_ts = greatest(t.last_ts, EXCLUDED.last_ts)
+)"""
+_FROM_SAMPLES = {"ts": "ts", "count": "count(*)", "min": "value", "max": "value", "sum": "value",
+                 "last": "value", "last_ts": "ts"}
+_FROM_ROLLUP = {"ts": "bucket", "count": "sum(count)", "min": "min", "max": "max", "sum": "sum",
+                "last": "last", "last_ts": "last_ts"}
+_HISTORY_SQL = _HISTORY_SQL.replace("{rollups}", ",\n".join((
+    _ROLLUP_SQL.format(name="minute", table="1m", unit="minute", source="samples", **_FROM_SAMPLES).strip(),
+    _ROLLUP_SQL.format(name="hour", table="1h", unit="hour", source="minute_new", **_FROM_ROLLUP).strip(),
+    _ROLLUP_SQL.format(name="day", table="1d", unit="day", source="hour_new", **_FROM_ROLLUP).strip(),
+)))
 
 
 @dataclass(frozen=True)
@@ -265,6 +300,7 @@ def write_history(cur: psycopg.Cursor, rows: Iterable[tuple]) -> HistoryWritten:
     rows = list(rows)
     done = HistoryWritten([(rows[index][0], STORE_REFUSED, detail) for index, detail in _stage(cur, rows)],
                           {}, [], {})
+    ensure_partitions(cur, (row[_TS] for row in rows if row[_KIND] == "telemetry"))
     cur.execute(_HISTORY_SQL)
     for what, key, value in cur.fetchall():
         if what == "reject":
@@ -276,6 +312,20 @@ def write_history(cur: psycopg.Cursor, rows: Iterable[tuple]) -> HistoryWritten:
         else:
             done.written[key] = int(value)
     return done
+
+
+_KIND, _TS = STAGE_COLUMNS.index("kind"), STAGE_COLUMNS.index("ts")
+
+
+def ensure_partitions(cur: psycopg.Cursor, timestamps: Iterable[float]) -> int:
+    """Make the day partitions of telemetry_samples that samples at these unix
+    times need and that are missing; return how many were made. One round trip:
+    days that exist are checked without a lock (see migrations/005_history.sql)."""
+    days = sorted({date(1970, 1, 1) + timedelta(days=int(ts // 86400)) for ts in timestamps})
+    if not days:
+        return 0
+    cur.execute("SELECT hydrod_telemetry_partitions(%s::date[])", (days,))
+    return int(cur.fetchone()[0])
 
 
 _COPY_STAGE = f"COPY hydrod_stage ({', '.join(STAGE_COLUMNS)}) FROM STDIN"
