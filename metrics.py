@@ -50,6 +50,15 @@ class Metrics:
                                          "command_responses by what became of them: applied, ignored (duplicate,"
                                          " out of order), unknown (no such command of that node), invalid",
                                          ["outcome"], registry=r)
+        self.history_prunings = Counter("hydrod_history_prunings",
+                                        "Retention rounds done (history_pruned), at start-up and hourly", registry=r)
+        self.history_prune_failures = Counter("hydrod_history_prune_failures",
+                                              "Retention rounds that failed (history_prune_failed)", registry=r)
+        self.history_partitions_dropped = Counter("hydrod_history_partitions_dropped",
+                                                  "Days of raw samples dropped by retention", registry=r)
+        self.history_rollup_rows_deleted = Counter("hydrod_history_rollup_rows_deleted",
+                                                   "Rollup rows deleted by retention, by table", ["table"],
+                                                   registry=r)
 
     def accounts(self) -> dict[str, int]:
         """Where the received messages went. Once nothing is pending,

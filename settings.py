@@ -125,6 +125,19 @@ class LoggingSettings(_Section):
     stats_interval_s: Seconds = 60.0
 
 
+class HistorySettings(_Section):
+    # Retention (SPEC §8), checked at start-up and every hour. Raw samples go by
+    # whole UTC days (a day's partition is dropped once all of it is older than
+    # raw_days); rollup rows by their bucket. 0 keeps them for ever.
+    raw_days: Annotated[int, Field(ge=0, le=100 * 365)] = 30
+    rollup_1m_days: Annotated[int, Field(ge=0, le=100 * 365)] = 180
+    rollup_1h_days: Annotated[int, Field(ge=0, le=100 * 365)] = 0
+    rollup_1d_days: Annotated[int, Field(ge=0, le=100 * 365)] = 0
+    # How far the rollups may lag the raw samples. hydrod keeps them in the
+    # transaction that stores the samples, so they never lag (README, Decisions).
+    rollup_lag_s: Seconds = 60.0
+
+
 class Settings(_Section):
     mqtt: MqttSettings = MqttSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -134,6 +147,7 @@ class Settings(_Section):
     commands: CommandsSettings = CommandsSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     logging: LoggingSettings = LoggingSettings()
+    history: HistorySettings = HistorySettings()
 
 
 # Secrets may come from the environment instead of the file.

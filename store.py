@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any, Iterable
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -326,6 +327,56 @@ def ensure_partitions(cur: psycopg.Cursor, timestamps: Iterable[float]) -> int:
         return 0
     cur.execute("SELECT hydrod_telemetry_partitions(%s::date[])", (days,))
     return int(cur.fetchone()[0])
+
+
+def make_partitions_ahead(cur: psycopg.Cursor, days: int) -> int:
+    """Make the partitions of today and the next `days` days (UTC) that are missing."""
+    cur.execute("SELECT hydrod_telemetry_partitions(array(SELECT (now() AT TIME ZONE 'UTC')::date + i"
+                " FROM generate_series(0, %s) AS i))", (days,))
+    return int(cur.fetchone()[0])
+
+
+def expired_partitions(conn: psycopg.Connection, raw_days: int) -> list[tuple[str, bool | None]]:
+    """(name, detach pending) of each day partition wholly older than raw_days, oldest
+    first; None for a day table left detached by a pruning that stopped half-way."""
+    return [(name, pending) for name, pending in conn.execute(
+        "SELECT c.relname, i.inhdetachpending FROM pg_class c"
+        " LEFT JOIN pg_inherits i ON i.inhrelid = c.oid AND i.inhparent = 'telemetry_samples'::regclass"
+        " WHERE c.relkind = 'r' AND c.relname ~ '^telemetry_samples_[0-9]{8}$'"
+        "   AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'telemetry_samples'::regclass)"
+        "   AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC'"
+        "       <= now() - make_interval(days => %s)"
+        " ORDER BY c.relname", (raw_days,))]
+
+
+def drop_partition(conn: psycopg.Connection, name: str, pending: bool | None) -> None:
+    """Detach and drop one day of raw samples; `conn` in autocommit mode.
+
+    DETACH ... CONCURRENTLY takes only SHARE UPDATE EXCLUSIVE on telemetry_samples:
+    inserts and reads go on meanwhile (it waits for the transactions that use the
+    table). The 'prune' lock keeps a writer that needs this old day from checking
+    it half-detached (migrations/005_history.sql)."""
+    table = sql.Identifier(name)
+    conn.execute("SELECT pg_advisory_lock(hydrod_partition_lock('prune'))")
+    try:
+        if pending is not None:
+            how = sql.SQL("FINALIZE" if pending else "CONCURRENTLY")
+            conn.execute(sql.SQL("ALTER TABLE telemetry_samples DETACH PARTITION {} {}").format(table, how))
+        conn.execute(sql.SQL("DROP TABLE {}").format(table))
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hydrod_partition_lock('prune'))")
+
+
+ROLLUP_TABLES = ("telemetry_1m", "telemetry_1h", "telemetry_1d")
+
+
+def prune_rollup(conn: psycopg.Connection, table: str, days: int) -> int:
+    """Delete a rollup's buckets that began more than `days` days ago; return how many."""
+    if table not in ROLLUP_TABLES:
+        raise ValueError(f"not a rollup table: {table}")
+    cur = conn.execute(sql.SQL("DELETE FROM {} WHERE bucket < now() - make_interval(days => %s)")
+                       .format(sql.Identifier(table)), (days,))
+    return cur.rowcount
 
 
 _COPY_STAGE = f"COPY hydrod_stage ({', '.join(STAGE_COLUMNS)}) FROM STDIN"

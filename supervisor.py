@@ -26,6 +26,7 @@ from .actors.base import (ActorFailed, ActorUnavailable, Address, Backoff, Conte
 from .actors.commands import CommandSender
 from .actors.config_publisher import ConfigPublisher
 from .actors.db_writer import DbWriter
+from .actors.history_keeper import HistoryKeeperActor
 from .actors.http_api import HttpApi, Peers
 from .actors.mqtt_io import Close, MqttIo, StopIntake, wanted_filters
 from .actors.node_registry import NodeRegistry
@@ -193,7 +194,7 @@ class SupervisorActor(pykka.ThreadingActor):
 class Daemon:
     """Builds the actors and their addresses; run() blocks until stopped."""
 
-    ORDER = ("db_writer", "node_registry", "config_publisher", "commands", "http_api", "mqtt_io")
+    ORDER = ("db_writer", "history_keeper", "node_registry", "config_publisher", "commands", "http_api", "mqtt_io")
 
     def __init__(self, settings: Settings, fault_hook: Callable[[str, Any], None] | None = None,
                  notifier: Notifier | None = None):
@@ -224,6 +225,8 @@ class Daemon:
                 ctx, offline_after_s=s.nodes.offline_after_s, held_report_ttl_s=s.nodes.held_report_ttl_s,
                 pool_size=(s.database.pool_min, s.database.pool_max),
                 batch_size=s.telemetry.batch_size, retry=retry(), **consumer),
+            "history_keeper": lambda ctx: HistoryKeeperActor.start(
+                ctx, dsn=dsn, settings=s.history, metrics=self.metrics),
             "node_registry": lambda ctx: NodeRegistry.start(
                 ctx, config_publisher=addr["config_publisher"],
                 resend_interval_s=s.nodes.config_resend_interval_s, pool_size=(1, 1), batch_size=min(s.telemetry.batch_size, 500), retry=retry(), **consumer),

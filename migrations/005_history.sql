@@ -33,11 +33,14 @@ CREATE INDEX telemetry_samples_id ON telemetry_samples (id);
 -- missing. Made as a plain table and then attached: ATTACH PARTITION takes a
 -- SHARE UPDATE EXCLUSIVE lock on telemetry_samples, which no insert or read
 -- waits for (CREATE TABLE ... PARTITION OF would take ACCESS EXCLUSIVE).
--- Partitions are made under one advisory lock (hydrod_partition_lock), so
--- instances never race. A day
--- that pruning may be dropping (older than yesterday) is checked under the same
--- lock, shared: pruning takes it exclusively while it detaches a day.
-CREATE FUNCTION hydrod_partition_lock() RETURNS bigint LANGUAGE sql IMMUTABLE AS 'SELECT 114870785766004';
+-- Two advisory locks (hydrod_partition_lock):
+-- - 'make': partitions are made under it, so instances never race;
+-- - 'prune': pruning holds it exclusively while it detaches and drops a day. A
+--   writer that needs a day pruning may be dropping (older than yesterday, UTC)
+--   holds it shared from its check to its commit. Days from yesterday on are
+--   checked without a lock: no retention drops them (raw_days >= 1).
+CREATE FUNCTION hydrod_partition_lock(what text) RETURNS bigint LANGUAGE sql IMMUTABLE
+AS $$ SELECT CASE what WHEN 'make' THEN 114870785766004 WHEN 'prune' THEN 114870785766005 END $$;
 
 CREATE FUNCTION hydrod_telemetry_partitions(days date[]) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
@@ -48,12 +51,12 @@ BEGIN
     FOREACH day IN ARRAY days LOOP
         part := 'telemetry_samples_' || to_char(day, 'YYYYMMDD');
         IF day < (now() AT TIME ZONE 'UTC')::date - 1 THEN
-            PERFORM pg_advisory_xact_lock_shared(hydrod_partition_lock());
+            PERFORM pg_advisory_xact_lock_shared(hydrod_partition_lock('prune'));
         END IF;
         CONTINUE WHEN EXISTS (SELECT 1 FROM pg_inherits
                               WHERE inhparent = 'telemetry_samples'::regclass
                                 AND inhrelid = to_regclass(part) AND NOT inhdetachpending);
-        PERFORM pg_advisory_xact_lock(hydrod_partition_lock());
+        PERFORM pg_advisory_xact_lock(hydrod_partition_lock('make'));
         CONTINUE WHEN EXISTS (SELECT 1 FROM pg_inherits
                               WHERE inhparent = 'telemetry_samples'::regclass AND inhrelid = to_regclass(part));
         IF to_regclass(part) IS NULL THEN

@@ -8,9 +8,12 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import psycopg
+from harness import metric_value, publish, query, wait_until
 import pytest
 
 from hydrod import store
+from hydrod.core.partitions import HistoryKeeper
+from hydrod.settings import HistorySettings
 
 DAY = 86400
 NOW = datetime.now(timezone.utc).timestamp()
@@ -198,3 +201,114 @@ def test_upgrading_a_schema_4_database_keeps_every_sample_and_rolls_it_up(databa
         with conn.transaction(), conn.cursor() as cur:
             store.write_history(cur, [sample(1, NOW, 7.0, node="esp32-1")])
         assert conn.execute("SELECT max(id) FROM telemetry_samples").fetchone()[0] == before[-1][0] + 1
+
+
+# --- retention ---------------------------------------------------------------------
+
+def keeper_connection(database):
+    conn = psycopg.connect(database, autocommit=True)
+    conn.execute("SET lock_timeout = 2000")
+    return conn
+
+
+def one_sample_a_day(conn, days):
+    """Samples d days and a minute old, for d in 0..days-1; their unix times."""
+    now = datetime.now(timezone.utc).timestamp()
+    times = [now - day * DAY - 60 for day in range(days)]
+    write(conn, [sample(day, ts, float(day)) for day, ts in enumerate(times)])
+    return now, times
+
+
+def day_ends_before(ts, horizon):
+    """Whether the UTC day of ts ends at or before horizon (both unix times)."""
+    return (ts // DAY + 1) * DAY <= horizon
+
+
+def test_retention_drops_whole_days_older_than_raw_days_and_rollup_buckets_older_than_theirs(connect, database):
+    writer = connect()
+    now, times = one_sample_a_day(writer, 40)
+    settings = HistorySettings(raw_days=30, rollup_1m_days=35, rollup_1h_days=0, rollup_1d_days=38)
+    with keeper_connection(database) as conn:
+        done = HistoryKeeper(settings).run(conn)
+        gone = [ts for ts in times if day_ends_before(ts, now - 30 * DAY)]
+        assert 9 <= len(gone) <= 10
+        assert sorted(done.partitions_dropped) == sorted(f"telemetry_samples_{utc_day(ts)}" for ts in gone)
+        assert done.partitions_made == 3  # today is there; the next three days were not
+        assert conn.execute("SELECT min(value), max(value), count(*) FROM telemetry_samples").fetchone() \
+            == (0.0, 39.0 - len(gone), 40 - len(gone))
+        # A 1m bucket of a sample d days and a minute old began more than d days ago;
+        # its 1d bucket began d days and the time of day since midnight ago.
+        assert done.rollup_rows_deleted == {"telemetry_1m": 5, "telemetry_1d": 2}
+        assert [conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ROLLUPS] == [35, 40, 38]
+        again = HistoryKeeper(settings).run(conn)
+        assert (again.partitions_made, again.partitions_dropped, again.rollup_rows_deleted) == \
+            (0, (), {"telemetry_1m": 0, "telemetry_1d": 0})
+
+
+def test_a_pruning_stopped_half_way_is_finished_by_the_next_round(connect, database):
+    writer = connect()
+    now, times = one_sample_a_day(writer, 34)
+    gone = [ts for ts in times if day_ends_before(ts, now - 30 * DAY)]
+    assert len(gone) >= 3
+    settings = HistorySettings(raw_days=30)
+    reader = connect()
+    with keeper_connection(database) as conn:
+        # A long reader holds the table: DETACH ... CONCURRENTLY waits for it, and gives up
+        # at the lock timeout with the day marked "detach pending".
+        with reader.transaction():
+            reader.execute("SELECT count(*) FROM telemetry_samples").fetchone()
+            conn.execute("SET lock_timeout = 300")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                HistoryKeeper(settings).run(conn)
+            # Today's samples are written meanwhile.
+            assert write(writer, [sample(1, NOW, 1.0, node=NODES[1])]).written == {"telemetry": 1}
+        assert conn.execute("SELECT count(*) FROM pg_inherits WHERE inhdetachpending").fetchone()[0] == 1
+        # Another old day detached and not dropped (as by a crash between the two steps).
+        conn.execute(f"ALTER TABLE telemetry_samples DETACH PARTITION telemetry_samples_{utc_day(gone[0])}")
+        conn.execute("SET lock_timeout = 2000")
+        done = HistoryKeeper(settings).run(conn)
+        assert sorted(done.partitions_dropped) == sorted(f"telemetry_samples_{utc_day(ts)}" for ts in gone)
+        assert conn.execute("SELECT count(*) FROM telemetry_samples").fetchone()[0] == 34 - len(gone) + 1
+        assert conn.execute("SELECT count(*) FROM pg_class WHERE relname ~ '^telemetry_samples_[0-9]{8}$'"
+                            ).fetchone()[0] == 34 - len(gone) + 3
+
+
+def old_day_and_today(database):
+    """A schema-5 database holding a sample 60 days old and one of today."""
+    with psycopg.connect(database) as conn:
+        store.migrate(conn)
+        with conn.transaction(), conn.cursor() as cur:
+            store.register_node(cur, hardware_id=NODES[0], node_type="ph", fw_version="1", capabilities=[],
+                                hardware_revision=None, name=None, wanted_uid=None, base=NODES[0], seen_at=NOW)
+        store.prepare_connection(conn)
+        old = NOW - 60 * DAY
+        write(conn, [sample(1, old, 5.0), sample(2, NOW, 6.0)])
+    return f"telemetry_samples_{utc_day(old)}"
+
+
+def test_hydrod_prunes_at_start_up_and_logs_and_counts_it(make_daemon, database):
+    old_day = old_day_and_today(database)
+    hydrod = make_daemon(history={"raw_days": 30})
+    pruned = hydrod.wait_for("history_pruned")
+    assert pruned["partitions_dropped"] == [old_day] and pruned["raw_days"] == 30
+    assert pruned["partitions_made"] >= 3
+    metrics = hydrod.http("GET", "/metrics")[1]
+    assert metric_value(metrics, "hydrod_history_prunings_total") == 1
+    assert metric_value(metrics, "hydrod_history_partitions_dropped_total") == 1
+    assert query(database, "SELECT value FROM telemetry_samples") == [(6.0,)]
+
+
+def test_a_failed_pruning_round_is_logged_and_counted_and_hydrod_goes_on(make_daemon, broker, database):
+    old_day = old_day_and_today(database)
+    # Something of the operator's depends on the old day: PostgreSQL refuses to drop it.
+    query(database, f"CREATE VIEW kept_by_hand AS SELECT * FROM {old_day}")
+    hydrod = make_daemon(history={"raw_days": 30})
+    failed = hydrod.wait_for("history_prune_failed")
+    assert "kept_by_hand" in failed["error"] or "depend" in failed["error"]
+    assert failed["level"] == "error"
+    assert metric_value(hydrod.http("GET", "/metrics")[1], "hydrod_history_prune_failures_total") == 1
+    assert hydrod.http("GET", "/healthz")[0] == 200
+    hydrod.wait_ready()
+    publish(broker.port, [(f"hydro/gh-1/zn-1/{NODES[0]}/ph/telemetry",
+                           {"metric_type": "PH", "value": 7.0, "ts": int(NOW) + 5})])
+    wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 2, what="stored")
