@@ -349,20 +349,24 @@ def expired_partitions(conn: psycopg.Connection, raw_days: int) -> list[tuple[st
         " ORDER BY c.relname", (raw_days,))]
 
 
-def drop_partition(conn: psycopg.Connection, name: str, pending: bool | None) -> None:
-    """Detach and drop one day of raw samples; `conn` in autocommit mode.
+def drop_partitions(conn: psycopg.Connection, partitions: list[tuple[str, bool | None]]) -> None:
+    """Detach and drop days of raw samples (expired_partitions); `conn` in autocommit mode.
 
     DETACH ... CONCURRENTLY takes only SHARE UPDATE EXCLUSIVE on telemetry_samples:
     inserts and reads go on meanwhile (it waits for the transactions that use the
-    table). The 'prune' lock keeps a writer that needs this old day from checking
-    it half-detached (migrations/005_history.sql)."""
-    table = sql.Identifier(name)
+    table). The 'prune' lock keeps a writer that needs one of these old days from
+    checking it half-detached (migrations/005_history.sql). Then one DROP for all."""
+    if not partitions:
+        return
     conn.execute("SELECT pg_advisory_lock(hydrod_partition_lock('prune'))")
     try:
-        if pending is not None:
-            how = sql.SQL("FINALIZE" if pending else "CONCURRENTLY")
-            conn.execute(sql.SQL("ALTER TABLE telemetry_samples DETACH PARTITION {} {}").format(table, how))
-        conn.execute(sql.SQL("DROP TABLE {}").format(table))
+        for name, pending in partitions:
+            if pending is not None:
+                how = sql.SQL("FINALIZE" if pending else "CONCURRENTLY")
+                conn.execute(sql.SQL("ALTER TABLE telemetry_samples DETACH PARTITION {} {}")
+                             .format(sql.Identifier(name), how))
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.SQL(", ").join(sql.Identifier(name)
+                                                                         for name, _ in partitions)))
     finally:
         conn.execute("SELECT pg_advisory_unlock(hydrod_partition_lock('prune'))")
 

@@ -55,6 +55,7 @@ TARGETS = {
     "refused": "every phase drains at least half as fast as the valid one",
     "history_query": "step=auto for 30 days p50 <= 50 ms, step=raw for one day p50 <= 200 ms",
     "commands": "every command DONE, received once by its node, none refused (no latency target set)",
+    "prune": "30 days of raw samples dropped in < 1 s, no write waits > 100 ms meanwhile",
 }
 
 
@@ -1093,6 +1094,90 @@ def scenario_history_query(pg: PgServer, args: argparse.Namespace, code: Code | 
     }
 
 
+def scenario_prune(pg: PgServer, args: argparse.Namespace, code: Code | None = None) -> dict[str, Any]:
+    """Retention (SPEC §8) with a writer running: 2 x raw_days days of raw samples, one
+    per 10 s per series, and one round of hydrod's history keeper (core/partitions.py)
+    dropping the older half while a writer stores a batch every 10 ms through the
+    statement hydrod uses (store.write_history)."""
+    if code is not None and code.label != "checkout":
+        raise RuntimeError("prune runs the checkout's keeper in the bench process: no --reference")
+    from hydrod import store
+    from hydrod.core.partitions import HistoryKeeper
+    from hydrod.settings import HistorySettings
+
+    raw_days, series = 30, args.prune_series
+    with Bench(pg, "prune", args.keep) as bench, bench.connect() as conn:
+        store.migrate(conn)
+        keys = [f"esp32-p{i:011x}" for i in range(series)]
+        for key in keys:
+            conn.execute("INSERT INTO nodes (uid, hardware_id) VALUES (%s, %s)", (key, key))
+        conn.execute("SELECT hydrod_telemetry_partitions(array(SELECT (now() AT TIME ZONE 'UTC')::date - i"
+                     " FROM generate_series(0, %s) AS i))", (2 * raw_days,))
+        say(f"prune: writing {2 * raw_days} days of {series} series at one sample per 10 s ...")
+        t0 = time.monotonic()
+        conn.execute("INSERT INTO telemetry_samples (node_id, channel, metric_type, value, ts, received_at)"
+                     " SELECT n.id, 'ph', 'PH', 6.0, t, t FROM nodes n, generate_series("
+                     "   date_trunc('day', now() - make_interval(days => %s), 'UTC'), now() - interval '1 hour',"
+                     "   interval '10 seconds') AS t", (2 * raw_days,))
+        conn.execute("ANALYZE telemetry_samples")
+        rows_before = count(conn, "telemetry_samples")
+        say(f"prune: {rows_before} samples in {time.monotonic() - t0:.1f}s")
+
+        writes: list[tuple[float, float]] = []  # (start, seconds) of each write transaction
+        stop = threading.Event()
+        failures: list[BaseException] = []
+
+        def writer() -> None:
+            with psycopg.connect(bench.dsn, application_name="hydrod-bench") as wconn:
+                store.prepare_connection(wconn)
+                seq = 0
+                while not stop.is_set():
+                    now = time.time()
+                    rows = [(seq + i, "telemetry", key, GH, ZONE, CHANNEL, "PH", 6.5, now, now, True, None,
+                             None, None, None, "{}", None, None, False) for i, key in enumerate(keys)]
+                    seq += len(rows)
+                    started = time.perf_counter()
+                    try:
+                        with wconn.transaction(), wconn.cursor() as cur:
+                            store.write_history(cur, rows)
+                    except BaseException as exc:  # reported in the result
+                        failures.append(exc)
+                        return
+                    writes.append((started, time.perf_counter() - started))
+                    stop.wait(0.01)
+
+        thread = threading.Thread(target=writer, name="bench-writer")
+        thread.start()
+        time.sleep(3)  # the writer's pace before the pruning
+        with psycopg.connect(bench.dsn, autocommit=True, application_name="hydrod-bench") as kconn:
+            kconn.execute("SET lock_timeout = 10000")  # as actors/history_keeper.py
+            p0 = time.perf_counter()
+            done = HistoryKeeper(HistorySettings(raw_days=raw_days)).run(kconn)
+            p1 = time.perf_counter()
+        time.sleep(2)
+        stop.set()
+        thread.join(30)
+        rows_after = count(conn, "telemetry_samples")
+    before = [seconds for started, seconds in writes if started + seconds < p0]
+    during = [seconds for started, seconds in writes if started < p1 and started + seconds > p0]
+    ms = lambda values, q: round(1000 * percentiles(values)[q - 1], 2) if len(values) > 1 else None  # noqa: E731
+    prune_s = round(p1 - p0, 3)
+    max_during = round(1000 * max(during), 2) if during else None
+    return {
+        "scenario": "prune", "messages": rows_before - rows_after, "seconds": prune_s,
+        "rate_per_s": None, "reference_rate_per_s": None, "ratio": None,
+        "p50_ms": None, "p99_ms": None,
+        "raw_days": raw_days, "series": series, "samples_before": rows_before, "samples_dropped":
+        rows_before - rows_after, "partitions_dropped": len(done.partitions_dropped),
+        "writer_error": repr(failures[0]) if failures else None,
+        "writes_before": len(before), "write_p50_ms_before": ms(before, 50), "write_max_ms_before":
+        round(1000 * max(before), 2) if before else None,
+        "writes_during": len(during), "write_p50_ms_during": ms(during, 50), "write_max_ms_during": max_during,
+        "target": TARGETS["prune"],
+        "target_met": bool(prune_s < 1 and not failures and during and max_during < 100),
+    }
+
+
 # ----------------------------------------------------------------------------- main --
 
 
@@ -1327,7 +1412,7 @@ def checkout_state() -> dict[str, Any]:
             "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
-SCENARIOS = ("drain", "live", "startup", "hello_burst", "refused", "history_query", "commands")
+SCENARIOS = ("drain", "live", "startup", "hello_burst", "refused", "history_query", "commands", "prune")
 # What --reference compares, per scenario: the figure, and whether higher is better.
 COMPARED = {"drain": ("rate_per_s", True), "hello_burst": ("rate_per_s", True),
             "startup": ("seconds", False), "live": ("p99_ms", False)}
@@ -1356,6 +1441,8 @@ def _run_scenario(name: str, pg: PgServer, args: argparse.Namespace, reference: 
             return scenario_history_query(pg, args, code)
         if name == "commands":
             return scenario_commands(pg, args, code)
+        if name == "prune":
+            return scenario_prune(pg, args, code)
         return scenario_hello_burst(pg, args, code)
     except Exception as exc:  # one scenario failing does not hide the others
         return {"scenario": name, "error": f"{type(exc).__name__}: {exc}"[:4000]}
@@ -1432,6 +1519,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="commands: commands in each of its two phases (1000)")
     parser.add_argument("--command-rate", type=float, default=float(env("BENCH_COMMAND_RATE", 50)),
                         help="commands: POSTs per second in the latency phase (50)")
+    parser.add_argument("--prune-series", type=int, default=int(env("BENCH_PRUNE_SERIES", 2)),
+                        help="prune: series of one sample per 10 s over 60 days (2)")
     parser.add_argument("--profile", type=Path, default=None, metavar="RAW_FILE",
                         help="drain and live: record hydrod with py-spy (folded stacks to RAW_FILE, "
                              "RAW_FILE.live for live) and report the top functions by own time")

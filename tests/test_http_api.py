@@ -59,7 +59,8 @@ def test_healthz_names_the_failing_part(make_daemon, broker):
     daemon.wait_ready()
     status, body = daemon.http("GET", "/healthz")
     assert status == 200 and body["failing"] == []
-    assert set(body["checks"]) == {"db_writer", "node_registry", "config_publisher", "commands", "http_api", "mqtt_io"}
+    assert set(body["checks"]) == {"db_writer", "history_keeper", "node_registry", "config_publisher", "commands",
+                                   "http_api", "mqtt_io"}
     broker.stop()
     daemon.wait_for("mqtt_disconnected")
     status, body = daemon.http("GET", "/healthz")
