@@ -61,6 +61,10 @@ BEGIN
                               WHERE inhparent = 'telemetry_samples'::regclass AND inhrelid = to_regclass(part));
         IF to_regclass(part) IS NULL THEN
             EXECUTE format('CREATE TABLE %I (LIKE telemetry_samples INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', part);
+            -- The day as a constraint of its own: attaching the table again (below, after an
+            -- interrupted pruning) need not scan it, and detaching it need not add one.
+            EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (ts >= %L AND ts < %L)', part, part || '_day',
+                           day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC');
         END IF;  -- else a day whose pruning stopped after the detach: attached again
         EXECUTE format('ALTER TABLE telemetry_samples ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)', part,
                        day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC');

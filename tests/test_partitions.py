@@ -100,6 +100,17 @@ def test_two_instances_needing_the_same_new_day_both_store_their_samples(connect
     assert first.execute("SELECT count(*) FROM telemetry_samples").fetchone()[0] == 2
 
 
+def test_a_sample_for_a_day_left_detached_by_an_interrupted_pruning_attaches_that_day_again(connect):
+    conn = connect()
+    day = NOW - 40 * DAY
+    write(conn, [sample(1, day, 1.0)])
+    conn.execute(f"ALTER TABLE telemetry_samples DETACH PARTITION telemetry_samples_{utc_day(day)}")
+    conn.commit()
+    assert conn.execute("SELECT count(*) FROM telemetry_samples").fetchone()[0] == 0
+    assert write(conn, [sample(1, day + 60, 2.0)]).written == {"telemetry": 1}
+    assert conn.execute("SELECT value FROM telemetry_samples ORDER BY ts").fetchall() == [(1.0,), (2.0,)]
+
+
 def test_a_redelivered_sample_is_stored_once_and_counted_once_in_every_rollup(connect):
     conn = connect()
     write(conn, [sample(1, NOW, 6.0), sample(2, NOW, 6.0)])
