@@ -672,6 +672,9 @@ def fast_config(mqtt_port: int, dsn: str, http_port: int) -> dict[str, dict[str,
         "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
         "supervisor": {"backoff_min_s": 0.05, "backoff_max_s": 0.2, "shutdown_timeout_s": 15.0},
         "logging": {"format": "json", "level": "info", "stats_interval_s": 1.0},
+        # Tests send samples with fixed timestamps (late 2025): retention would drop
+        # them at start-up. The retention tests set raw_days themselves.
+        "history": {"raw_days": 0},
     }
 
 

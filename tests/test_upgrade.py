@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from harness import Daemon, bind_node, publish, query, register_node, wait_until
+from harness import Daemon, bind_node, publish, query, register_node, to_toml, wait_until
 from test_partitions import rollup_mismatches
 
 RELEASE_0_1 = "b18d18f"
@@ -60,7 +60,10 @@ def snapshot(dsn: str) -> dict[str, list[tuple]]:
 def test_a_database_written_by_0_1_keeps_every_row_and_gets_partitions_and_rollups(
         tmp_path, broker, database, make_daemon):
     old = Daemon(tmp_path / "hydrod-0.1", broker.port, database,
-                 env={"PYTHONPATH": str(release_0_1(tmp_path / "release"))}).start()
+                 env={"PYTHONPATH": str(release_0_1(tmp_path / "release"))})
+    del old.config["history"]  # a section 0.1 does not know
+    old.config_path.write_text(to_toml(old.config))
+    old.start()
     old.wait_ready(30)
     assert query(database, "SELECT version FROM schema_migrations") == [(1,)]  # 0.1 it is
     uid = register_node(broker.port, database, "esp32-a1b2c3d4e5f6")
