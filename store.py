@@ -257,8 +257,9 @@ GROUP BY kind
 # NOTHING: a redelivery inserts nothing) are added to their minute, hour and day,
 # under the rollup row's lock, in the transaction that stores them: a rollup never
 # lags its raw rows and never counts a sample twice, whichever instance stores it.
-# Buckets are UTC, like the day partitions. avg is sum / count. Rows are upserted
-# in key order, so two writers lock the same buckets in the same order.
+# Buckets are UTC, like the day partitions. A bucket's avg takes in the batch's sum
+# weighted by the counts. Rows are upserted in key order, so two writers lock the
+# same buckets in the same order.
 _ROLLUP_SQL = """
 {name}_new AS (
     SELECT node_id, channel, metric_type, date_trunc('{unit}', {ts}, 'UTC') AS bucket,
@@ -267,12 +268,12 @@ _ROLLUP_SQL = """
     FROM {source} GROUP BY 1, 2, 3, 4
 ), {name}_up AS (
     INSERT INTO telemetry_{table} AS t (node_id, channel, metric_type, bucket, count, min, max, avg, last,
-                                       last_ts, sum)
-    SELECT node_id, channel, metric_type, bucket, count, min, max, sum / count, last, last_ts, sum
+                                       last_ts)
+    SELECT node_id, channel, metric_type, bucket, count, min, max, sum / count, last, last_ts
     FROM {name}_new ORDER BY node_id, channel, metric_type, bucket
     ON CONFLICT (node_id, channel, metric_type, bucket) DO UPDATE SET
         count = t.count + EXCLUDED.count, min = least(t.min, EXCLUDED.min), max = greatest(t.max, EXCLUDED.max),
-        sum = t.sum + EXCLUDED.sum, avg = (t.sum + EXCLUDED.sum) / (t.count + EXCLUDED.count),
+        avg = (t.avg * t.count + EXCLUDED.avg * EXCLUDED.count) / (t.count + EXCLUDED.count),
         last = CASE WHEN EXCLUDED.last_ts > t.last_ts THEN EXCLUDED.last ELSE t.last END,
         last_ts = greatest(t.last_ts, EXCLUDED.last_ts)
 )"""

@@ -80,8 +80,7 @@ INSERT INTO telemetry_samples (id, node_id, channel, metric_type, value, ts, rec
 SELECT id, node_id, channel, metric_type, value, ts, received_at, metadata FROM telemetry_samples_v4;
 DROP TABLE telemetry_samples_v4;
 
--- Rollups: one row per series and bucket (UTC minute, hour, day). `sum` keeps
--- avg exact as samples are added batch by batch (avg = sum / count).
+-- Rollups: one row per series and bucket (UTC minute, hour, day).
 CREATE TABLE telemetry_1m (
     node_id     bigint NOT NULL,
     channel     text NOT NULL,
@@ -93,7 +92,6 @@ CREATE TABLE telemetry_1m (
     avg         double precision NOT NULL,
     last        double precision NOT NULL,
     last_ts     timestamptz NOT NULL,
-    sum         double precision NOT NULL,
     PRIMARY KEY (node_id, channel, metric_type, bucket)
 ) WITH (fillfactor = 80);  -- room for updates in place (HOT): a bucket is updated once per batch
 CREATE TABLE telemetry_1h (LIKE telemetry_1m INCLUDING ALL) WITH (fillfactor = 80);
@@ -103,15 +101,15 @@ CREATE INDEX telemetry_1m_bucket ON telemetry_1m (bucket);
 CREATE INDEX telemetry_1h_bucket ON telemetry_1h (bucket);
 CREATE INDEX telemetry_1d_bucket ON telemetry_1d (bucket);
 
-INSERT INTO telemetry_1m (node_id, channel, metric_type, bucket, count, min, max, avg, last, last_ts, sum)
+INSERT INTO telemetry_1m (node_id, channel, metric_type, bucket, count, min, max, avg, last, last_ts)
 SELECT node_id, channel, metric_type, date_trunc('minute', ts, 'UTC'), count(*), min(value), max(value),
-       avg(value), (array_agg(value ORDER BY ts DESC))[1], max(ts), sum(value)
+       avg(value), (array_agg(value ORDER BY ts DESC))[1], max(ts)
 FROM telemetry_samples GROUP BY 1, 2, 3, 4;
-INSERT INTO telemetry_1h (node_id, channel, metric_type, bucket, count, min, max, avg, last, last_ts, sum)
+INSERT INTO telemetry_1h (node_id, channel, metric_type, bucket, count, min, max, avg, last, last_ts)
 SELECT node_id, channel, metric_type, date_trunc('hour', ts, 'UTC'), count(*), min(value), max(value),
-       avg(value), (array_agg(value ORDER BY ts DESC))[1], max(ts), sum(value)
+       avg(value), (array_agg(value ORDER BY ts DESC))[1], max(ts)
 FROM telemetry_samples GROUP BY 1, 2, 3, 4;
-INSERT INTO telemetry_1d (node_id, channel, metric_type, bucket, count, min, max, avg, last, last_ts, sum)
+INSERT INTO telemetry_1d (node_id, channel, metric_type, bucket, count, min, max, avg, last, last_ts)
 SELECT node_id, channel, metric_type, date_trunc('day', ts, 'UTC'), count(*), min(value), max(value),
-       avg(value), (array_agg(value ORDER BY ts DESC))[1], max(ts), sum(value)
+       avg(value), (array_agg(value ORDER BY ts DESC))[1], max(ts)
 FROM telemetry_samples GROUP BY 1, 2, 3, 4;
