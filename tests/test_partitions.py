@@ -200,7 +200,7 @@ def test_upgrading_a_schema_4_database_keeps_every_sample_and_rolls_it_up(databa
                      " FROM generate_series(1, 500) i", (node_id, NOW - 5 * DAY))
         before = conn.execute("SELECT id, node_id, channel, metric_type, value, ts, received_at, metadata"
                               " FROM telemetry_samples ORDER BY id").fetchall()
-        assert store.migrate(conn) == ["005_history.sql"]
+        assert "005_history.sql" in store.migrate(conn)
         after = conn.execute("SELECT id, node_id, channel, metric_type, value, ts, received_at, metadata"
                              " FROM telemetry_samples ORDER BY id").fetchall()
         assert after == before
