@@ -21,8 +21,10 @@ import pykka
 import structlog
 
 from . import protocol, store
-from .actors.base import (ActorFailed, ActorUnavailable, Address, Backoff, Context, Deliver, Flush, Health, Ready,
-                          Ticker, tell_later)
+from .actors.address import ActorUnavailable, Address, ask_ref
+from .actors.messages import ActorFailed, Deliver, Flush, Health, Ready
+from .actors.supervised import Context
+from .core.timers import Backoff, Ticker, tell_later
 from .actors.commands import CommandSender
 from .actors.config_publisher import ConfigPublisher
 from .actors.db_writer import DbWriter
@@ -109,13 +111,13 @@ class SupervisorActor(pykka.ThreadingActor):
         spec.restarts.append(now)
         while spec.restarts and spec.restarts[0] < now - window:
             spec.restarts.popleft()
-        # pykka logged the traceback of a failure in the actor; that of a replacement's
-        # start-up, which the actor answered to its ping, is logged here.
-        start_failure = failure.error.__cause__ if isinstance(failure.error, StartupError) else None
+        # The traceback: of the failure in the actor, or of a replacement's start-up,
+        # which the actor answered to its ping.
+        error = failure.error.__cause__ if isinstance(failure.error, StartupError) else failure.error
         log.error("actor_failed", failed_actor=failure.name, error=repr(failure.error),
                   message=type(failure.message).__name__ if failure.message is not None else None,
                   queued=len(failure.leftovers), restarts_in_window=len(spec.restarts),
-                  exc_info=unexpected(start_failure))
+                  exc_info=unexpected(error))
         if self.daemon.stopping.is_set():
             return
         if len(spec.restarts) > self.settings.max_restarts:
@@ -311,7 +313,7 @@ class Daemon:
             raise StartupError(f"actor {spec.name} did not start: {exc}") from exc
         try:
             # on_start failures are otherwise silent in pykka: ping with a timeout.
-            ref.ask(Health(), timeout=self.settings.supervisor.ask_timeout_s)
+            ask_ref(ref, Health(), timeout=self.settings.supervisor.ask_timeout_s)
         except Exception as exc:
             ref.stop(block=False)
             raise StartupError(f"actor {spec.name} did not start: {_cause(exc)}") from exc
@@ -401,9 +403,8 @@ class Daemon:
             if name not in self.started:
                 continue
             try:
-                drained[f"{name}.{type(step).__name__}"] = (
-                    drained.get(f"{name}.{type(step).__name__}", 0)
-                    + (self.specs[name].address.ask(step, remaining()) or 0))
+                key = f"{name}.{type(step).__name__}"
+                drained[key] = drained.get(key, 0) + self.specs[name].address.ask(step, remaining()).pending
             except Exception as exc:  # a step that cannot finish must not stop the others
                 log.error("drain_step_failed", step=f"{name}.{type(step).__name__}", error=repr(exc))
         for name in reversed(self.started):

@@ -17,7 +17,10 @@ import psycopg
 
 from ..core.commands import Answer, CommandRefused, Commands
 from ..core.database import Database
-from .base import Address, Context, Deliver, Flush, Health, LinkChanged, SupervisedActor, Ticker
+from ..core.timers import Ticker
+from .address import Address
+from .messages import Ask, Deliver, Drained, Flush, Health, HealthReport, LinkChanged
+from .supervised import Context, SupervisedActor
 from .mqtt_io import Publish, WatchLink
 
 
@@ -26,7 +29,7 @@ FLUSH_EVERY_S = 0.25  # under a steady stream the mailbox is never empty: flush 
 
 
 @dataclass(frozen=True)
-class CreateCommand:
+class CreateCommand(Ask[tuple[Any, bool]]):
     """Ask (HTTP API): returns (summary, created) or raises CommandRefused. Not made
     after `deadline` (time.monotonic()): a caller told "busy" may retry safely."""
 
@@ -116,10 +119,10 @@ class CommandSender(SupervisedActor):
                 self._guarded(self.core.sweep)
                 self._claim_due = True  # a node may be back online
             case Health():
-                return self.db.health()
+                return HealthReport(*self.db.health())
             case Flush():
                 self._after(force=True)
-                return len(self._answers) + len(self._acked)
+                return Drained(len(self._answers) + len(self._acked))
             case _:
                 raise TypeError(f"CommandSender does not handle {type(message).__name__}")
         self._after()

@@ -14,11 +14,14 @@ from typing import Any
 
 from ..core.configs import Acked, Configs, PushResult, ResendConfig
 from ..core.database import Database
-from .base import Address, Context, Flush, Health, LinkChanged, SupervisedActor, Ticker
+from ..core.timers import Ticker
+from .address import Address
+from .messages import Ask, Drained, Flush, Health, HealthReport, LinkChanged
+from .supervised import Context, SupervisedActor
 from .mqtt_io import Publish, WatchLink
 
 @dataclass(frozen=True)
-class PushConfig:
+class PushConfig(Ask[PushResult]):
     """Ask (HTTP API): push `body` to node `uid`; answered with PushResult, or raises
     PushRefused. Past `deadline` (time.monotonic()) the push is not made."""
 
@@ -75,9 +78,9 @@ class ConfigPublisher(SupervisedActor):
             case _Expire():
                 self.configs.expire()
             case Health():
-                return self.db.health()
+                return HealthReport(*self.db.health())
             case Flush():
-                return 0
+                return Drained(0)
             case _:
                 raise TypeError(f"ConfigPublisher does not handle {type(message).__name__}")
         return None

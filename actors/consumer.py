@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.batcher import Batcher
-from .base import Deliver
+from .messages import Deliver
 
 
 @dataclass(frozen=True)

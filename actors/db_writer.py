@@ -14,7 +14,10 @@ from .. import store
 from ..core.batcher import Batcher
 from ..core.database import Database
 from ..core.history import History
-from .base import Address, Backoff, Context, Deliver, Flush, Health, SupervisedActor, Ticker, tell_later
+from ..core.timers import Backoff, Ticker, tell_later
+from .address import Address
+from .messages import Deliver, Drained, Flush, Health, HealthReport
+from .supervised import Context, SupervisedActor
 from .consumer import FlushDue, RetryDatabase, salvage
 from .mqtt_io import Settled
 
@@ -64,9 +67,9 @@ class DbWriter(SupervisedActor):
             case SweepOffline():
                 self.batcher.job(self.history.sweep)
             case Flush():
-                return self.batcher.drain()
+                return Drained(self.batcher.drain())
             case Health():
-                return self.db.health()
+                return HealthReport(*self.db.health())
             case _:
                 raise TypeError(f"DbWriter does not handle {type(message).__name__}")
         return None

@@ -16,7 +16,9 @@ import psycopg
 from .. import store
 from ..core.partitions import HistoryKeeper
 from ..settings import HistorySettings
-from .base import Health, SupervisedActor, Ticker
+from ..core.timers import Ticker
+from .messages import Health, HealthReport
+from .supervised import SupervisedActor
 
 INTERVAL_S = 3600.0
 # A round that would wait longer than this on another session's lock gives up
@@ -53,7 +55,7 @@ class HistoryKeeperActor(SupervisedActor):
             case KeepHistory():
                 self._round()
             case Health():
-                return self._ok
+                return HealthReport(*self._ok)
             case _:
                 raise TypeError(f"{self.ctx.name} does not handle {type(message).__name__}")
         return None

@@ -33,7 +33,9 @@ from ..core.database import open_pool
 from ..core.reads import POOL_SIZE, Reads
 from ..core.telemetry_query import BadQuery
 from ..settings import HttpSettings
-from .base import ActorUnavailable, Address, Context, Health, SupervisedActor
+from .address import ActorUnavailable, Address
+from .messages import Health, HealthReport
+from .supervised import Context, SupervisedActor
 from .config_publisher import push_config
 from .commands import CreateCommand
 from .http_server import MAX_BODY, HttpServer
@@ -211,7 +213,7 @@ class Api:
             if stuck is not None:
                 ok, detail = False, stuck
             else:
-                ok, detail = address.health or (True, "running")
+                ok, detail = (address.health.ok, address.health.detail) if address.health else (True, "running")
                 part = resource.get(address.name, address.name)
                 if busy_s is not None:
                     detail = f"{detail}; busy with {handling} for {busy_s:.1f} s"
@@ -387,7 +389,7 @@ class HttpApi(SupervisedActor):
         match message:
             case Health():
                 alive = self.server is not None and self.server.alive
-                return alive, "serving" if alive else "not serving"
+                return HealthReport(alive, "serving" if alive else "not serving")
             case _ServerStopped(server, error) if server is self.server:
                 raise RuntimeError(f"the HTTP server stopped: {error}")
             case _ServerStopped():

@@ -25,7 +25,10 @@ from .. import protocol
 from ..protocol import COMMAND_RESPONSE, CONFIG_REPORT, HELLO, REJECT, TIME_REQUEST, Routed
 from ..settings import MqttSettings
 from .inbound import Arrivals, Inbound, Ledger
-from .base import Address, Backoff, Context, Deliver, Health, LinkChanged, Ready, SupervisedActor, tell_later
+from ..core.timers import Backoff, tell_later
+from .address import Address
+from .messages import Ask, Deliver, Drained, Health, HealthReport, LinkChanged, Ready
+from .supervised import Context, SupervisedActor
 
 # --- messages ----------------------------------------------------------------------
 
@@ -64,12 +67,12 @@ class WatchLink:
 
 
 @dataclass(frozen=True)
-class StopIntake:
+class StopIntake(Ask[Drained]):
     """Ask (shutdown): take no new messages; they stay unacknowledged in the broker."""
 
 
 @dataclass(frozen=True)
-class Close:
+class Close(Ask[Drained]):
     """Ask (shutdown): send the acknowledgements due, then disconnect keeping the session."""
 
 
@@ -253,11 +256,11 @@ class MqttIo(SupervisedActor):
                 case WatchLink(watcher):
                     watcher.tell(LinkChanged(self.connected))
                 case Health():
-                    return self.connected, "broker connected" if self.connected else "broker unreachable"
+                    return HealthReport(self.connected, "broker connected" if self.connected else "broker unreachable")
                 case StopIntake():
                     self.intake = False
                     self._flush_batches()
-                    return len(self.ledger)
+                    return Drained(len(self.ledger))
                 case Close():
                     self.closing = True
                     self.connected = False  # what paho says of this link from now on is ignored
@@ -266,7 +269,7 @@ class MqttIo(SupervisedActor):
                         self.client.disconnect()
                         self.client.loop_stop()
                         self.client = None
-                    return len(self.ledger)
+                    return Drained(len(self.ledger))
                 case _:
                     raise TypeError(f"MqttIo does not handle {type(message).__name__}")
         if self._batches and self.mailbox_empty():

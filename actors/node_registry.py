@@ -8,7 +8,10 @@ from typing import Any
 from ..core.batcher import Batcher
 from ..core.database import Database
 from ..core.registry import Registry
-from .base import Address, Backoff, Context, Deliver, Flush, Health, SupervisedActor, Ticker, tell_later
+from ..core.timers import Backoff, Ticker, tell_later
+from .address import Address
+from .messages import Deliver, Drained, Flush, Health, HealthReport
+from .supervised import Context, SupervisedActor
 from .consumer import FlushDue, RetryDatabase, salvage
 from .mqtt_io import Settled
 
@@ -48,9 +51,9 @@ class NodeRegistry(SupervisedActor):
             case RetryDatabase():
                 self.batcher.retry_now()
             case Flush():
-                return self.batcher.drain()
+                return Drained(self.batcher.drain())
             case Health():
-                return self.db.health()
+                return HealthReport(*self.db.health())
             case _:
                 raise TypeError(f"NodeRegistry does not handle {type(message).__name__}")
         return None

@@ -60,7 +60,7 @@ class Writer(Protocol):
 
 
 class Delays(Protocol):
-    """Backoff (actors/base.py): the next delay; reset() says how long the failures lasted."""
+    """Backoff (core/timers.py): the next delay; reset() says how long the failures lasted."""
 
     def next_delay(self) -> float: ...
     def reset(self) -> float | None: ...

@@ -9,7 +9,8 @@ import paho.mqtt.client as mqtt
 
 from harness import metric_value, publish, query, wait_until
 from hydrod import logs, settings
-from hydrod.actors.base import Address, Context
+from hydrod.actors.address import Address
+from hydrod.actors.supervised import Context
 from hydrod.actors.inbound import Arrivals, Ledger
 from hydrod.actors.mqtt_io import Close, MqttIo, Publish, StopIntake, _Connect, _Disconnected
 from hydrod.metrics import Metrics

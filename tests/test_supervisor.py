@@ -10,12 +10,14 @@ import time
 import urllib.error
 import urllib.request
 
+import pykka
 import pytest
 
 from harness import (accounts_at_stop, fast_config, free_port, merge_sections, publish, query, to_toml,
                      wait_until)
 from hydrod import logs, settings
-from hydrod.actors.base import Deliver, Health
+from hydrod.actors.address import Asked
+from hydrod.actors.messages import Deliver, Drained, Flush, Health
 from hydrod.supervisor import Daemon
 
 HELLO = {"message_type": "node_hello", "hardware_id": "esp32-a1b2c3d4e5f6", "node_type": "ph",
@@ -104,6 +106,28 @@ def test_a_failed_actor_is_restarted_and_everything_queued_for_it_is_processed(i
     assert daemon.metrics.restarts.labels("db_writer")._value.get() == 1
     # Every message was acknowledged once committed: nothing is left pending in the ledger.
     wait_until(lambda: daemon.metrics.acked._value.get() >= 501, what="all acknowledged")
+
+
+def test_an_ask_queued_for_an_actor_that_fails_is_answered_by_its_replacement(in_process, broker, database):
+    reply = pykka.ThreadingFuture()
+
+    def fail_once(actor, message):
+        # An ask lands behind the batch the writer then dies on.
+        if actor == "db_writer" and isinstance(message, Deliver) and not armed.is_set():
+            armed.set()
+            daemon.specs["db_writer"].address.tell(Asked(Flush(), reply))
+            raise RuntimeError("injected fault")
+
+    armed = threading.Event()
+    daemon, lines = in_process(fault_hook=fail_once)
+    publish(broker.port, [("hydro/node_hello", HELLO)])
+    wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node")
+    publish(broker.port, samples(3))
+    failed = lines.wait_for("actor_failed", failed_actor="db_writer")
+    assert failed["queued"] >= 1 and "injected fault" in failed["exception"]
+    assert isinstance(reply.get(timeout=20), Drained)  # answered by the replacement, not dropped
+    wait_until(lambda: query(database, "SELECT count(*) FROM telemetry_samples")[0][0] == 3, what="3 samples")
+    assert daemon.metrics.restarts.labels("db_writer")._value.get() == 1
 
 
 def test_a_message_that_keeps_crashing_its_actor_is_dead_lettered(in_process, broker, database):

@@ -14,7 +14,7 @@ import pytest
 
 from harness import publish, query, wait_until
 from hydrod import logs
-from hydrod.actors.base import Deliver
+from hydrod.actors.messages import Deliver
 from hydrod.systemd import Notifier
 from test_supervisor import HELLO, LogLines, _get, in_process, samples  # noqa: F401 (in_process: a fixture)
 
