@@ -62,7 +62,16 @@ ZONE_MISMATCH = "zone_mismatch"
 HANDLER_CRASH = "handler_crash"
 STORE_REFUSED = "store_refused"
 
-_SEGMENT = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch
+# A topic segment (gh, zone, node, channel): what a uid, a hardware id or a channel
+# name may be. The one rule for topics, here and in the API, the config and the SQL.
+SEGMENT_CHARS = "A-Za-z0-9._:-"
+SEGMENT_MAX = 128
+_SEGMENT = re.compile(f"[{SEGMENT_CHARS}]{{1,{SEGMENT_MAX}}}")
+
+
+def is_segment(value: str) -> bool:
+    """Whether `value` can stand as one segment of a topic."""
+    return _SEGMENT.fullmatch(value) is not None
 
 
 class Routed(NamedTuple):
@@ -100,14 +109,22 @@ def classify(seq: int, topic: str, payload: bytes, received_at: float, mid: int 
         # by message count (Receive Maximum), so no message may be arbitrarily large.
         return Routed(seq, REJECT, "", "", "", None, topic, payload[:MAX_PAYLOAD], received_at, TOO_LARGE,
                       f"payload of {len(payload)} bytes, over {MAX_PAYLOAD}; the first {MAX_PAYLOAD} kept", mid, dup)
-    shape = _shape(topic)
+    shape = parse_topic(topic)
     return Routed(seq, *shape, topic, payload, received_at, UNKNOWN_TOPIC if shape[0] == REJECT else None, "",
                   mid, dup)
 
 
+class Topic(NamedTuple):
+    kind: str  # REJECT: not a topic of SPEC §1
+    gh: str
+    zone: str
+    node: str  # a uid, or a hardware id; "" where the topic names no node
+    channel: str | None
+
+
 @functools.lru_cache(maxsize=65536)
-def _shape(topic: str) -> tuple[str, str, str, str, str | None]:
-    """(kind, gh, zone, node, channel) of a topic; a node sends on a handful of topics,
+def parse_topic(topic: str) -> Topic:
+    """A received topic's kind and segments; a node sends on a handful of topics,
     so each is parsed and checked once."""
     parts = topic.split("/")
     n = len(parts)
@@ -115,18 +132,32 @@ def _shape(topic: str) -> tuple[str, str, str, str, str | None]:
         kind, channel = parts[4], None
     elif n == 6 and parts[0] == PREFIX and parts[5] in CHANNEL_KINDS:
         kind, channel = parts[5], parts[4]
-        if not _SEGMENT.fullmatch(channel):
-            return REJECT, "", "", "", None
+        if not is_segment(channel):
+            return _NOT_OURS
     elif topic == "hydro/node_hello":
-        return HELLO, "", "", "", None
+        return Topic(HELLO, "", "", "", None)
     elif topic == "hydro/time/request":
-        return TIME_REQUEST, "", "", "", None
+        return Topic(TIME_REQUEST, "", "", "", None)
     else:
-        return REJECT, "", "", "", None
+        return _NOT_OURS
     gh, zone, node = parts[1], parts[2], parts[3]
-    if not (_SEGMENT.fullmatch(gh) and _SEGMENT.fullmatch(zone) and _SEGMENT.fullmatch(node)):
-        return REJECT, "", "", "", None
-    return kind, gh, zone, node, channel
+    if not (is_segment(gh) and is_segment(zone) and is_segment(node)):
+        return _NOT_OURS
+    return Topic(kind, gh, zone, node, channel)
+
+
+_NOT_OURS = Topic(REJECT, "", "", "", None)
+
+
+def config_topic(gh: str, zone: str, node: str) -> str:
+    """Where a node gets its config: its own namespace, under its uid."""
+    return f"{PREFIX}/{gh}/{zone}/{node}/config"
+
+
+def temp_config_topic(hardware_id: str) -> str:
+    """Where an unbound (or reset) node gets its config: the temp namespace, under its hardware id."""
+    return config_topic(TEMP_GH, TEMP_ZONE, hardware_id)
+
 
 
 def is_temp(gh: str, zone: str) -> bool:
@@ -144,7 +175,7 @@ class Rejected(Exception):
 
 # --- payloads ---------------------------------------------------------------
 
-HardwareId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+\Z")]
+HardwareId = Annotated[str, msgspec.Meta(min_length=1, max_length=SEGMENT_MAX, pattern=f"^[{SEGMENT_CHARS}]+\\Z")]
 
 
 class ProvisioningMeta(msgspec.Struct):

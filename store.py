@@ -23,6 +23,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from .errors import ConfigError, DatabaseUnusable
+from . import protocol
 from .protocol import STORE_REFUSED
 
 MIGRATION_LOCK = 0x687964726F64  # "hydrod": one migrator at a time
@@ -749,12 +750,10 @@ def queued_configs(cur: psycopg.Cursor) -> list[tuple[int, str, int, str, bytes]
 
     The topic is worked out again: a node bound since the push listens on its own
     namespace now, not on the temp one the push was recorded for."""
-    cur.execute("SELECT c.id, n.uid, c.version,"
-                "   CASE WHEN n.gh_uid IS NULL THEN c.topic"
-                "        ELSE 'hydro/' || n.gh_uid || '/' || n.zone_uid || '/' || n.uid || '/config' END,"
-                "   c.payload"
+    cur.execute("SELECT c.id, n.uid, c.version, c.topic, n.gh_uid, n.zone_uid, c.payload"
                 " FROM node_configs c JOIN nodes n ON n.id = c.node_id WHERE c.status = 'queued' ORDER BY c.id")
-    return [(row[0], row[1], int(row[2]), row[3], row[4].encode()) for row in cur.fetchall()]
+    return [(config_id, uid, int(version), topic if gh is None else protocol.config_topic(gh, zone, uid),
+             payload.encode()) for config_id, uid, version, topic, gh, zone, payload in cur.fetchall()]
 
 
 def expire_configs(cur: psycopg.Cursor, timeout_s: float) -> list[tuple[str, int, str]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -122,7 +121,7 @@ class Api:
         return _json(self.reads.nodes())
 
     def on_node(self, request: Request, uid: str) -> Response:
-        if not _UID.fullmatch(uid):
+        if not protocol.is_segment(uid):  # anything else names no node
             raise NotFound(f"no node with uid {uid!r}")
         found = self.reads.node(uid)
         if found is None:
@@ -130,7 +129,7 @@ class Api:
         return _json(found)
 
     def on_push(self, request: Request, uid: str) -> Response:
-        if not _UID.fullmatch(uid):
+        if not protocol.is_segment(uid):  # anything else names no node
             raise NotFound(f"no node with uid {uid!r}")
         body = _body(request, "a config")
         if isinstance(body, Response):
@@ -145,7 +144,7 @@ class Api:
     def on_telemetry(self, request: Request, uid: str) -> Response:
         try:
             query = telemetry_query.parse_query(request.args)
-            series = self.reads.telemetry(uid, query) if _UID.fullmatch(uid) else None
+            series = self.reads.telemetry(uid, query) if protocol.is_segment(uid) else None
         except BadQuery as exc:
             return _json({"error": exc.message, "parameter": exc.parameter}, 400)
         if series is None:
@@ -157,7 +156,7 @@ class Api:
         return Response(body, mimetype="application/json")
 
     def on_telemetry_last(self, request: Request, uid: str) -> Response:
-        found = self.reads.telemetry_last(uid) if _UID.fullmatch(uid) else None
+        found = self.reads.telemetry_last(uid) if protocol.is_segment(uid) else None
         if found is None:
             raise NotFound(f"no node with uid {uid}")
         return _json({"node_uid": uid, "values": found})
@@ -168,7 +167,7 @@ class Api:
     def on_static(self, request: Request, name: str) -> Response:
         return page.response(request, name)
     def on_command(self, request: Request, uid: str) -> Response:
-        if not _UID.fullmatch(uid):
+        if not protocol.is_segment(uid):
             raise NotFound(f"no node with uid {uid!r}")
         body = _body(request, "a command")
         if isinstance(body, Response):
@@ -181,7 +180,7 @@ class Api:
         return _json(summary, 202 if created else 200)
 
     def on_commands(self, request: Request, uid: str) -> Response:
-        if not _UID.fullmatch(uid):
+        if not protocol.is_segment(uid):
             raise NotFound(f"no node with uid {uid!r}")
         limit = request.args.get("limit", "50")
         if not limit.isdigit() or not 1 <= int(limit) <= 1000:
@@ -192,7 +191,7 @@ class Api:
         return _json(found)
 
     def on_command_status(self, request: Request, cmd_id: str) -> Response:
-        found = self.reads.command(cmd_id) if _UID.fullmatch(cmd_id) else None
+        found = self.reads.command(cmd_id) if protocol.is_segment(cmd_id) else None
         if found is None:
             raise NotFound(f"no command with cmd_id {cmd_id!r}")
         return _json(found)
@@ -308,7 +307,6 @@ class _Request(Request):
     max_content_length = MAX_BODY  # Werkzeug answers 413 past it, with or without Content-Length
 
 
-_UID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # anything else names no node
 _log = structlog.get_logger("hydrod", actor="http_api")
 
 

@@ -78,7 +78,6 @@ class NodeConfigBody(msgspec.Struct):
     wifi: dict[str, Any] | None = None
 
 
-_SEGMENT = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # used with fullmatch
 _FILLED = frozenset({"node_id", "type", "mqtt", "node_secret", "version", "gh_uid", "zone_uid"})
 _SECRET = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -98,7 +97,7 @@ def build_config(node: dict[str, Any], body: Any) -> tuple[dict[str, Any], str]:
         raise PushRefused(400, "invalid NodeConfig: `node_secret` must be 64 hex characters - at `$.node_secret`")
     for field in ("gh_uid", "zone_uid"):
         value = getattr(checked, field)
-        if value is not None and (not _SEGMENT.fullmatch(value) or value in (protocol.TEMP_GH, protocol.TEMP_ZONE)):
+        if value is not None and (not protocol.is_segment(value) or value in (protocol.TEMP_GH, protocol.TEMP_ZONE)):
             raise PushRefused(400, f"invalid NodeConfig: `{field}` is not a usable topic segment - at `$.{field}`")
     if (checked.gh_uid is None) != (checked.zone_uid is None):
         raise PushRefused(400, "invalid NodeConfig: `gh_uid` and `zone_uid` go together")
@@ -114,14 +113,14 @@ def build_config(node: dict[str, Any], body: Any) -> tuple[dict[str, Any], str]:
         if checked.gh_uid is None:
             raise PushRefused(409, f"node {node['uid']} is not bound to a zone: the config must name "
                                    "`gh_uid` and `zone_uid`")
-        topic = f"hydro/{protocol.TEMP_GH}/{protocol.TEMP_ZONE}/{node['hardware_id']}/config"
+        topic = protocol.temp_config_topic(node["hardware_id"])
     else:
         if checked.gh_uid is not None and (checked.gh_uid, checked.zone_uid) != (node["gh_uid"], node["zone_uid"]):
             raise PushRefused(409, f"node {node['uid']} is bound to {node['gh_uid']}/{node['zone_uid']}, "
                                    f"not {checked.gh_uid}/{checked.zone_uid}")
         config.setdefault("gh_uid", node["gh_uid"])
         config.setdefault("zone_uid", node["zone_uid"])
-        topic = f"hydro/{node['gh_uid']}/{node['zone_uid']}/{node['uid']}/config"
+        topic = protocol.config_topic(node["gh_uid"], node["zone_uid"], node["uid"])
     config.setdefault("node_id", node["uid"])
     config.setdefault("type", node["type"])
     config.setdefault("mqtt", {"configured": True})

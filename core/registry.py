@@ -106,7 +106,7 @@ class Registry:
         if outcome.resend is not None:
             version, payload, hardware_id = outcome.resend
             batch.resends.append(ResendConfig(
-                outcome.uid, version, f"hydro/{protocol.TEMP_GH}/{protocol.TEMP_ZONE}/{hardware_id}/config", payload))
+                outcome.uid, version, protocol.temp_config_topic(hardware_id), payload))
         if outcome.bound_to is not None:
             batch.announcements.append(("node_bound", {"node_uid": outcome.uid, "gh_uid": outcome.bound_to[0],
                                                       "zone_uid": outcome.bound_to[1]}))

@@ -41,6 +41,14 @@ def test_a_valid_provisioned_uid_wins_and_an_invalid_one_is_ignored():
     assert protocol.provisioned_uid(bad) is None
 
 
+def test_one_segment_rule_for_topics_hardware_ids_and_config_topics():
+    assert protocol.is_segment("nd-ph-a1b2:c3.d4_e5") and protocol.is_segment("x" * 128)
+    assert not any(protocol.is_segment(s) for s in ("", "x" * 129, "a/b", "a+b", "a#", "nd 1"))
+    assert protocol.temp_config_topic("esp32-a1") == "hydro/gh-temp/zn-temp/esp32-a1/config"
+    assert protocol.parse_topic(protocol.config_topic("gh-1", "zn-1", "nd-1")[:-len("config")] + "heartbeat") == (
+        "heartbeat", "gh-1", "zn-1", "nd-1", None)
+
+
 @pytest.mark.parametrize("topic, kind, channel", [
     ("hydro/node_hello", "node_hello", None),
     ("hydro/gh-temp/zn-temp/esp32-a1/node_hello", "node_hello", None),
