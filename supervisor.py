@@ -30,7 +30,8 @@ from .actors.config_publisher import ConfigPublisher
 from .actors.db_writer import DbWriter
 from .actors.history_keeper import HistoryKeeperActor
 from .actors.http_api import HttpApi, Peers
-from .actors.mqtt_io import Close, MqttIo, StopIntake, wanted_filters
+from .actors.mqtt_io import Close, MqttIo, StopIntake
+from .core.link import wanted_filters
 from .actors.node_registry import NodeRegistry
 from .errors import DatabaseUnavailable, StartupError, SupervisorGaveUp, unexpected
 from .metrics import Metrics

@@ -7,6 +7,10 @@ private envelopes. Instead the failed incarnation stops taking new messages at
 its address, tells itself an end marker, and passes on (unhandled) every message
 up to the marker: all that was queued for it. Then it reports them to the
 supervisor, which hands them to the replacement, and stops.
+
+So an actor is asked through its `Address` (or `address.ask_ref` before it has
+one), never with `ActorRef.ask`: the answer travels with the message, in an
+`Asked`, and an ask queued for a failed actor is answered by its replacement.
 """
 
 from __future__ import annotations

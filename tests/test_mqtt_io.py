@@ -1,20 +1,30 @@
-"""MqttIo: its bookkeeping in process (the acknowledgement ledger, the hand-over from
-paho's thread), and its link against a real broker. More of the link is exercised in
-test_faults.py, test_node_registry.py and test_supervisor.py (restarts)."""
+"""MqttIo: its plain classes driven by hand (the ledger, the hand-over from paho's
+thread, the router and its barrier, the link's bookkeeping), and the actor against a
+real broker. More of the link is exercised in test_faults.py, test_node_registry.py
+and test_supervisor.py (restarts)."""
 
 import threading
 from types import SimpleNamespace
 
 import paho.mqtt.client as mqtt
+import structlog
 
 from harness import metric_value, publish, query, wait_until
 from hydrod import logs, settings
 from hydrod.actors.address import Address
+from hydrod.actors.mqtt_io import Close, MqttIo, StopIntake
 from hydrod.actors.supervised import Context
-from hydrod.actors.inbound import Arrivals, Ledger
-from hydrod.actors.mqtt_io import Close, MqttIo, Publish, StopIntake, _Connect, _Disconnected
+from hydrod.core.arrivals import Arrivals, Inbound
+from hydrod.core.ledger import Ledger
+from hydrod.core.link import Connect, Disconnected, Link
+from hydrod.core.router import Router
 from hydrod.metrics import Metrics
 from test_supervisor import HELLO, UID, LogLines, in_process  # noqa: F401 (LogLines, in_process: fixtures)
+
+log = structlog.get_logger("hydrod", actor="test")
+
+
+# --- the ledger ----------------------------------------------------------------------
 
 
 def test_acknowledgements_go_out_in_arrival_order_whatever_order_commits_come_in():
@@ -50,6 +60,9 @@ def test_settlements_meant_for_a_dead_incarnation_are_ignored():
     assert fresh.settle(stale, epoch=0) == []
     assert len(fresh) == 1
     assert fresh.settle([first], epoch=0) == [(1, 1)]
+
+
+# --- the hand-over from paho's thread ----------------------------------------------------
 
 
 def message(i):
@@ -88,6 +101,82 @@ def test_no_arrival_is_ever_left_without_a_wake_up_under_a_racing_consumer():
     assert taken == list(range(total))
 
 
+# --- the router ---------------------------------------------------------------------------
+
+
+class FakeLink:
+    """What the router needs of the link: acknowledgements and publishes, recorded."""
+
+    def __init__(self):
+        self.epoch, self.acked, self.published = 0, [], []
+
+    def ack(self, due):
+        self.acked.extend(mid for mid, _qos in due)
+
+    def publish(self, topic, payload):
+        self.published.append(topic)
+
+
+def make_router(batch_size=100, max_pending=100):
+    sent = {"registry": [], "history": []}
+    link = FakeLink()
+    router = Router(registry=sent["registry"].extend, history=sent["history"].extend, link=link,
+                    metrics=Metrics(), log=log, batch_size=batch_size, max_pending=max_pending, start=1)
+    return router, link, sent
+
+
+def inbound(topic, mid, payload=b"{}", qos=1):
+    return Inbound(topic, payload, mid, qos, 1_764_000_000.0, False)
+
+
+def telemetry(node, mid):
+    return inbound(f"hydro/gh-1/zn-1/{node}/ph_sensor/telemetry", mid)
+
+
+def test_a_time_request_is_answered_and_acknowledged_at_once():
+    router, link, sent = make_router()
+    router.receive(inbound("hydro/time/request", 5, b'{"message_type":"time_request"}'))
+    assert link.published == ["hydro/time/response"]
+    assert link.acked == [5] and len(router) == 0
+    assert sent == {"registry": [], "history": []}
+
+
+def test_history_waits_behind_registry_work_and_goes_once_it_is_settled():
+    router, link, sent = make_router()
+    router.receive(inbound("hydro/node_hello", 1, b'{"hardware_id":"esp32-a"}'))
+    router.receive(telemetry("esp32-a", 2))
+    router.flush()
+    [hello] = sent["registry"]
+    assert sent["history"] == []  # held: the node may not exist yet
+    router.settle((hello.seq,))
+    router.flush()
+    assert [r.mid for r in sent["history"]] == [2]
+    assert link.acked == [1]  # the sample is not committed yet
+    router.settle((sent["history"][0].seq,))
+    assert link.acked == [1, 2]
+
+
+def test_a_qos_0_message_is_refused_when_too_many_are_pending():
+    router, link, sent = make_router(max_pending=2)
+    for mid in (1, 2):
+        router.receive(telemetry("nd-1", mid))
+    router.receive(telemetry("nd-1", 0)._replace(qos=0))
+    router.flush()
+    assert [r.mid for r in sent["history"]] == [1, 2]
+    assert router.metrics.rejected.labels("overload")._value.get() == 1
+
+
+# --- the link's bookkeeping --------------------------------------------------------------------
+
+
+def make_link(metrics=None):
+    """A Link that is not started: its logic, driven by hand."""
+    told = []
+    link = Link(settings.MqttSettings(), me=SimpleNamespace(tell=told.append), on_change=lambda up: None,
+                on_subscribed=lambda: None, pending=lambda: 0, metrics=metrics or Metrics(), log=log)
+    return link, told
+
+
 class _FailingAcks:
     """A paho client whose link drops after `ok` acknowledgements."""
 
@@ -103,12 +192,71 @@ class _FailingAcks:
 
 def test_the_acked_counter_counts_only_acknowledgements_that_went_out():
     metrics = Metrics()
-    io = make_io(metrics)
-    io.client, io.connected = _FailingAcks(ok=2), True
-    seqs = [io.ledger.admit(mid, 1, io.epoch) for mid in (1, 2, 3, 4)]
-    io._acknowledge(seqs)
-    assert io.client.acked == [1, 2]
+    link, _ = make_link(metrics)
+    link.client, link.connected = _FailingAcks(ok=2), True
+    link.ack([(mid, 1) for mid in (1, 2, 3, 4)])
+    assert link.client.acked == [1, 2]
     assert metrics.acked._value.get() == 2
+
+
+class _UnansweredLink:
+    """A paho client whose CONNECT is out and not answered yet (a slow TLS handshake)."""
+
+    def __init__(self):
+        self.connects = 0
+
+    def connect(self, *_args, **_kwargs):
+        self.connects += 1
+        return mqtt.MQTT_ERR_SUCCESS
+
+    def loop_start(self):
+        return mqtt.MQTT_ERR_SUCCESS
+
+
+def test_a_second_connect_never_starts_while_one_is_in_progress():
+    link, _ = make_link()
+    link.client = client = _UnansweredLink()
+    link.on_event(Connect(client))
+    link.on_event(Connect(client))  # a retry timer firing meanwhile
+    assert client.connects == 1
+
+
+def test_a_publish_asked_while_the_link_is_down_is_told_back_as_never_sent():
+    link, _ = make_link()
+    told = []
+    watcher = SimpleNamespace(tell=told.append)
+    link.publish("hydro/gh-1/zn-1/n/p/command", b"{}", on_acked=(watcher, "acked"), on_failed=(watcher, "not sent"))
+    assert told == ["not sent"] and link._publish_waiters == {}
+
+
+def test_a_command_response_goes_to_the_commands_actor_and_to_the_history():
+    commands = []
+    router, _, sent = make_router()
+    router.commands = commands.extend
+    router.receive(inbound("hydro/gh-1/zn-1/nd-1/pump/command_response", 7, b'{"cmd_id":"c"}'))
+    router.flush()
+    assert [item.mid for item in commands] == [7]
+    assert [item.mid for item in sent["history"]] == [7]
+
+
+def make_io(metrics=None):
+    """An MqttIo that is not started: the shell's dispatch, driven by hand."""
+    return MqttIo(Context("mqtt_io", Address("mqtt_io"), Address("supervisor")), settings=settings.MqttSettings(),
+                  registry=Address("node_registry"), history=Address("db_writer"), link_watchers=(),
+                  metrics=metrics or Metrics(), batch_size=10, max_pending=100)
+
+
+def test_what_an_earlier_link_says_is_ignored():
+    io = make_io()
+    io.link.client = client = _UnansweredLink()
+    io.handle(Connect(client))
+    gone = _UnansweredLink()  # a crashed incarnation's client, still talking
+    io.handle(Disconnected(gone, "Normal disconnection"))
+    io.handle(Connect(gone))
+    assert io.link.connecting and client.connects == 1 and gone.connects == 0
+
+
+# --- against a real broker ---------------------------------------------------------------------
 
 
 def test_a_qos_0_message_that_arrives_while_hydrod_stops_is_counted_and_logged(in_process, broker, database):
@@ -150,63 +298,3 @@ def test_closing_the_link_never_logs_at_error_level(broker):
         ref.stop(timeout=5)
     assert len(lines.events("mqtt_connected")) == 40
     assert [r for r in list(lines.records) if r["level"] in ("error", "critical")] == []
-
-
-def make_io(metrics=None):
-    """An MqttIo that is not started: its logic, driven by hand."""
-    return MqttIo(Context("mqtt_io", Address("mqtt_io"), Address("supervisor")), settings=settings.MqttSettings(),
-                  registry=Address("node_registry"), history=Address("db_writer"), link_watchers=(),
-                  metrics=metrics or Metrics(), batch_size=10, max_pending=100)
-
-
-class _UnansweredLink:
-    """A paho client whose CONNECT is out and not answered yet (a slow TLS handshake)."""
-
-    def __init__(self):
-        self.connects = 0
-
-    def connect(self, *_args, **_kwargs):
-        self.connects += 1
-        return mqtt.MQTT_ERR_SUCCESS
-
-    def loop_start(self):
-        return mqtt.MQTT_ERR_SUCCESS
-
-
-def test_a_second_connect_never_starts_while_one_is_in_progress():
-    io = make_io()
-    io.client = link = _UnansweredLink()
-    io.handle(_Connect(link))
-    io.handle(_Connect(link))  # a retry timer firing meanwhile
-    assert link.connects == 1
-
-
-def test_what_an_earlier_link_says_is_ignored():
-    io = make_io()
-    io.client = link = _UnansweredLink()
-    io.handle(_Connect(link))
-    gone = _UnansweredLink()  # a crashed incarnation's client, still talking
-    io.handle(_Disconnected(gone, "Normal disconnection"))
-    io.handle(_Connect(gone))
-    assert io.connecting and link.connects == 1 and gone.connects == 0
-
-
-def test_a_publish_asked_while_the_link_is_down_is_told_back_as_never_sent():
-    io = make_io()
-    watcher = Address("commands")
-    io._publish(Publish("hydro/gh-1/zn-1/n/p/command", b"{}", on_acked=(watcher, "acked"),
-                        on_failed=(watcher, "not sent")))
-    assert watcher._held == ["not sent"] and io._publish_waiters == {}
-
-
-def test_a_command_response_goes_to_the_commands_actor_and_to_the_history():
-    commands = Address("commands")
-    io = MqttIo(Context("mqtt_io", Address("mqtt_io"), Address("supervisor")), settings=settings.MqttSettings(),
-                registry=Address("node_registry"), history=Address("db_writer"), link_watchers=(),
-                metrics=Metrics(), batch_size=10, max_pending=100, commands=commands)
-    answer = SimpleNamespace(topic="hydro/gh-1/zn-1/nd-1/pump/command_response", payload=b'{"cmd_id":"c"}',
-                             received_at=1.0, mid=1, qos=1, dup=False)
-    io._route(7, answer)
-    [told] = commands._held
-    assert [item.seq for item in told.items] == [7]
-    assert [item.seq for item in io._batches[io.history]] == [7]

@@ -3,7 +3,7 @@
 import pytest
 
 from hydrod import protocol
-from hydrod.actors.inbound import Inbound
+from hydrod.core.arrivals import Inbound
 from hydrod.protocol import NodeHello, Rejected, Telemetry
 
 NOW = 1_764_400_000.0

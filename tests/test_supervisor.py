@@ -477,7 +477,7 @@ def test_a_crashed_mqtt_io_is_restarted_relinks_once_and_everything_is_stored_on
 
     def fail_once(actor, message):
         # MqttIo dies with messages in its hands, more in flight in paho, and more queued in the broker.
-        if actor == "mqtt_io" and type(message).__name__ == "_Arrived" and armed.is_set():
+        if actor == "mqtt_io" and type(message).__name__ == "Arrived" and armed.is_set():
             armed.clear()
             published.wait(20)
             raise RuntimeError("injected fault")
