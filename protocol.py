@@ -9,7 +9,7 @@ import decimal
 import functools
 import math
 import re
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -387,6 +387,38 @@ def provisioned_uid(hello: NodeHello) -> str | None:
         return meta.node_uid
     return None
 
+
+class _Names(msgspec.Struct):
+    hardware_id: Any = None  # node_hello
+    node_type: Any = None  # node_hello
+    provisioning_meta: Any = None  # node_hello: {"node_uid": ...}
+    node_id: Any = None  # config_report
+
+
+_names = msgspec.json.Decoder(_Names)
+
+
+def node_names(routed: Routed) -> tuple[str, ...]:
+    """The names a node_hello or config_report may give its node in its topics.
+
+    Its topic's node segment, and what its payload names: a hello's hardware id,
+    the uid it derives from it (`base_uid`: a node whose config survived a database
+    reset sends under it right after its hello) and its provisioned uid; a
+    config_report's `node_id`. Cheap, and never raises: a payload the registry
+    will refuse names what it can."""
+    names = [routed.node] if routed.node else []
+    try:
+        said = _names.decode(routed.payload)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return tuple(names)
+    meta, hardware_id = said.provisioning_meta, said.hardware_id
+    derived = None
+    if isinstance(hardware_id, str) and hardware_id:
+        derived = base_uid(hardware_id, normalise_type(said.node_type if isinstance(said.node_type, str) else None))
+    for name in (hardware_id, derived, meta.get("node_uid") if isinstance(meta, dict) else None, said.node_id):
+        if isinstance(name, str) and name and name not in names:
+            names.append(name)
+    return tuple(names)
 
 def time_response(now: float) -> bytes:
     second = int(now)

@@ -12,6 +12,7 @@ import structlog
 from harness import metric_value, publish, query, wait_until
 from hydrod import logs, settings
 from hydrod.actors.address import Address
+from hydrod.actors.messages import Deliver
 from hydrod.actors.mqtt_io import Close, MqttIo, StopIntake
 from hydrod.actors.supervised import Context
 from hydrod.core.arrivals import Arrivals, Inbound
@@ -156,6 +157,64 @@ def test_history_waits_behind_registry_work_and_goes_once_it_is_settled():
     assert link.acked == [1, 2]
 
 
+def test_a_nodes_history_waits_only_for_its_own_registry_work():
+    router, link, sent = make_router()
+    router.receive(inbound("hydro/node_hello", 1, b'{"hardware_id":"esp32-a"}'))  # names A in its payload
+    router.receive(inbound("hydro/gh-temp/zn-temp/esp32-a/ph_sensor/telemetry", 2))
+    router.receive(inbound("hydro/gh-temp/zn-temp/esp32-b/ph_sensor/telemetry", 3))
+    router.receive(telemetry("nd-ph-b", 4))
+    router.flush()
+    [hello] = sent["registry"]
+    assert [r.mid for r in sent["history"]] == [3, 4]  # B's, at once; A's waits for A's hello
+    router.settle([r.seq for r in sent["history"]])
+    assert link.acked == []  # acknowledged in arrival order: behind A's hello and sample
+    router.settle((hello.seq,))
+    router.flush()
+    assert [r.mid for r in sent["history"]] == [3, 4, 2]
+    assert link.acked == [1]
+    router.settle((sent["history"][-1].seq,))
+    assert link.acked == [1, 2, 3, 4]
+
+
+def test_a_config_report_holds_back_history_under_the_uid_it_names():
+    router, _, sent = make_router()
+    router.receive(inbound("hydro/gh-1/zn-1/esp32-a/config_report", 1, b'{"node_id":"nd-ph-a","version":1}'))
+    router.receive(telemetry("nd-ph-a", 2))
+    router.receive(telemetry("esp32-a", 3))
+    router.receive(telemetry("nd-ph-b", 4))
+    router.flush()
+    assert [r.mid for r in sent["history"]] == [4]
+    router.settle((sent["registry"][0].seq,))
+    router.flush()
+    assert [r.mid for r in sent["history"]] == [4, 2, 3]
+
+
+def test_history_waits_for_its_nodes_earlier_registry_work_only_not_later():
+    router, _, sent = make_router()
+    hello = b'{"hardware_id":"esp32-a"}'
+    router.receive(inbound("hydro/node_hello", 1, hello))
+    router.receive(telemetry("esp32-a", 2))
+    router.receive(inbound("hydro/node_hello", 3, hello))
+    router.receive(telemetry("esp32-a", 4))
+    router.flush()
+    first, second = sent["registry"]
+    router.settle((first.seq,))
+    router.flush()
+    assert [r.mid for r in sent["history"]] == [2]
+    router.settle((second.seq,))
+    router.flush()
+    assert [r.mid for r in sent["history"]] == [2, 4]
+
+
+def test_registry_work_that_names_no_node_holds_nothing_back():
+    router, _, sent = make_router()
+    router.receive(inbound("hydro/node_hello", 1, b"not json"))  # the registry dead-letters it
+    router.receive(inbound("hydro/gh-1/zn-1/x/y/z/telemetry", 2))  # a rejected topic names no node
+    router.receive(telemetry("esp32-a", 3))
+    router.flush()
+    assert [r.mid for r in sent["history"]] == [2, 3]
+
+
 def test_a_qos_0_message_is_refused_when_too_many_are_pending():
     router, link, sent = make_router(max_pending=2)
     for mid in (1, 2):
@@ -273,6 +332,38 @@ def test_a_qos_0_message_that_arrives_while_hydrod_stops_is_counted_and_logged(i
     assert lines.events("message_rejected", reason="stopping")[0]["topic"] == topic
     assert metric_value(daemon.metrics.exposition().decode(), "hydrod_messages_rejected_total",
                         reason="stopping") == 3
+
+
+def test_a_nodes_telemetry_is_written_while_another_nodes_registry_work_is_held_open(
+        in_process, broker, database):
+    a, b = "esp32-00000000000a", "esp32-00000000000b"
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_registry(actor, message):
+        # A's repeat hello keeps the registry busy until the test lets it go.
+        if actor == "node_registry" and isinstance(message, Deliver) and any(
+                item.node == a for item in message.items):
+            entered.set()
+            release.wait(30)
+
+    daemon, _ = in_process(fault_hook=slow_registry)
+    try:
+        publish(broker.port, [("hydro/node_hello", dict(HELLO, hardware_id=b))])
+        wait_until(lambda: query(database, "SELECT 1 FROM nodes"), what="node B")
+        temp = "hydro/gh-temp/zn-temp/{}/ph_sensor/telemetry"
+        sample = {"metric_type": "PH", "value": 6.0, "ts": 1_764_000_000}
+        publish(broker.port, [(f"hydro/gh-temp/zn-temp/{a}/node_hello", dict(HELLO, hardware_id=a)),
+                              (temp.format(a), sample), (temp.format(b), sample)])
+        entered.wait(15)
+        rows = lambda: query(database, "SELECT n.hardware_id FROM telemetry_samples s"  # noqa: E731
+                                       " JOIN nodes n ON n.id = s.node_id")
+        wait_until(lambda: rows() == [(b,)], what="B's sample, while A's hello is still open")
+        assert entered.is_set() and not release.is_set()
+        assert rows() == [(b,)]  # A's sample still waits for A's hello
+    finally:
+        release.set()
+    wait_until(lambda: sorted(rows()) == [(a,), (b,)], what="A's sample, once its hello is committed")
+    assert not query(database, "SELECT reason FROM dead_letters")  # A's sample never met an unknown node
 
 
 def start_mqtt_io(port, client_id, metrics=None):

@@ -41,6 +41,21 @@ def test_a_valid_provisioned_uid_wins_and_an_invalid_one_is_ignored():
     assert protocol.provisioned_uid(bad) is None
 
 
+@pytest.mark.parametrize("payload, names", [
+    (b'{"message_type":"node_hello","hardware_id":"esp32-a1","node_type":"ph"}', ("esp32-a1", "nd-ph-a1")),
+    (b'{"hardware_id":"esp32-a1","provisioning_meta":{"node_uid":"tank-3"}}', ("esp32-a1", "nd-node-a1", "tank-3")),
+    (b'{"node_id":"nd-ph-a1","version":3}', ("nd-ph-a1",)),
+    (b'{"hardware_id":7,"provisioning_meta":"x"}', ()),  # wrong types name nothing
+    (b"not json", ()),
+    (b"[1, 2]", ()),
+])
+def test_registry_work_names_its_node_as_its_topic_and_payload_do(payload, names):
+    hello = protocol.classify(1, "hydro/node_hello", payload, NOW)
+    assert protocol.node_names(hello) == names
+    report = protocol.classify(2, "hydro/gh-1/zn-1/esp32-a1/config_report", payload, NOW)
+    assert protocol.node_names(report) == tuple(dict.fromkeys(("esp32-a1", *names)))
+
+
 def test_one_segment_rule_for_topics_hardware_ids_and_config_topics():
     assert protocol.is_segment("nd-ph-a1b2:c3.d4_e5") and protocol.is_segment("x" * 128)
     assert not any(protocol.is_segment(s) for s in ("", "x" * 129, "a/b", "a+b", "a#", "nd 1"))
