@@ -163,7 +163,8 @@ class Bench:
         sections["database"]["dsn"] = self.dsn
         sections["http"].update(host="127.0.0.1", port=free_port())
         sections["logging"].update(level="info", format="json")
-        daemon = Daemon(self.dir / tag, self.broker.port, self.dsn, sections=sections, env=self.code.env)
+        daemon = Daemon(self.dir / tag, self.broker.port, self.dsn, sections=sections, env=self.code.env,
+                        known_sections=sections)
         self._daemons.append(daemon)
         return daemon
 

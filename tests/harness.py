@@ -723,10 +723,13 @@ class Daemon:
     def __init__(self, directory: Path, mqtt_port: int, dsn: str,
                  sections: dict[str, dict[str, Any]] | None = None,
                  env: dict[str, str] | None = None, args: Iterable[str] = (),
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, known_sections: Iterable[str] | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = merge_sections(fast_config(mqtt_port, dsn, free_port()), sections or {})
+        if known_sections is not None:  # an older hydrod (bench --reference) refuses newer sections
+            known = set(known_sections)
+            self.config = {name: keys for name, keys in self.config.items() if name in known}
         self.config_path = self.dir / "config.toml"
         self.config_path.write_text(to_toml(self.config))
         self.extra_env = env or {}
